@@ -1,0 +1,1 @@
+"""Triton kernels and their thin launchers; nothing else lives here."""

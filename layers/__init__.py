@@ -1,0 +1,1 @@
+"""nn.Modules, host code and numerics checks around the persistent kernels."""

@@ -1,0 +1,120 @@
+"""`persistrnn.LSTM` and `persistrnn.GRU`: torch.nn.LSTM / torch.nn.GRU with the persistent kernels.
+
+They subclass the torch.nn classes, so the constructor, parameter names, shapes, registration
+order, init, state_dict, `.to()`, `flatten_parameters()` and repr are torch's own. Only
+`forward` differs: it validates as torch does, then runs the kernels or torch's native RNN as
+`dispatch.plan` decides, and records that choice in `self.last_dispatch`.
+"""
+import torch
+from torch import _VF, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import functional
+from .dispatch import log, plan
+
+
+class _PersistentRNN:
+    """forward() shared by LSTM and GRU; mirrors torch/nn/modules/rnn.py."""
+
+    _cell = None
+    last_dispatch = None
+
+    def forward(self, input, hx=None):
+        self._update_flat_weights()
+        is_lstm = self._cell == "lstm"
+        orig_input = input
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            is_batched = True
+            max_batch_size = int(batch_sizes[0])
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+
+        if hx is None:
+            shape = (self.num_layers * num_directions, max_batch_size)
+            h0 = torch.zeros(*shape, real_hidden_size, dtype=input.dtype, device=input.device)
+            hx = (h0, torch.zeros(*shape, self.hidden_size, dtype=input.dtype, device=input.device)) if is_lstm else h0
+        else:
+            if batch_sizes is None:
+                hx = self._check_state_dims(hx, is_batched)
+            hx = self.permute_hidden(hx, sorted_indices)
+        self.check_forward_args(input, hx, batch_sizes)
+        self._check_devices_and_dtypes(input, hx)
+
+        states = hx if is_lstm else (hx,)
+        grad_needed = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, *states, *self._flat_weights))
+        dispatch = plan(self._cell, input.device, input.dtype, self._flat_weights[0].dtype,
+                        self.hidden_size, self.proj_size, grad_needed)
+        self.last_dispatch = dispatch
+        log.debug("%s: %s (%s) %s", type(self).__name__, dispatch.path, dispatch.reason, dispatch.config or "")
+
+        if dispatch.path == "torch":
+            vf = _VF.lstm if is_lstm else _VF.gru
+            common = (self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+                      self.bidirectional)
+            if batch_sizes is None:
+                result = vf(input, hx, *common, self.batch_first)
+            else:
+                result = vf(input, batch_sizes, hx, *common)
+            output, hidden = result[0], (result[1:] if is_lstm else result[1])
+        else:
+            output, hidden = functional.rnn(
+                self._cell, input, batch_sizes, hx, self._flat_weights, has_bias=self.bias,
+                num_layers=self.num_layers, dropout=self.dropout, training=self.training,
+                bidirectional=self.bidirectional, batch_first=self.batch_first,
+                hidden_size=self.hidden_size, proj_size=self.proj_size, config=dispatch.config,
+                interpret=dispatch.path == "interpret")
+
+        if isinstance(orig_input, PackedSequence):
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
+                self.permute_hidden(hidden, unsorted_indices)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1)) if is_lstm else hidden.squeeze(1)
+        return output, hidden
+
+    def _check_state_dims(self, hx, is_batched):
+        """torch.nn's checks (and words) for the rank of h0/c0; unbatched states gain a batch dim."""
+        want = 3 if is_batched else 2
+        kind = "batched 3-D" if is_batched else "unbatched 2-D"
+        if self._cell == "lstm":
+            if hx[0].dim() != want or hx[1].dim() != want:
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            return hx if is_batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        if hx.dim() != want:
+            raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
+        return hx if is_batched else hx.unsqueeze(1)
+
+    def _check_devices_and_dtypes(self, input, hx):
+        weight = self._flat_weights[0]
+        if input.device != weight.device:
+            raise RuntimeError("Input and parameter tensors are not at the same device, found input tensor "
+                               f"at {input.device} and parameter tensor at {weight.device}")
+        for state in (hx if self._cell == "lstm" else (hx,)):
+            if state.device != input.device:
+                raise RuntimeError("Input and hidden tensors are not at the same device, found input tensor "
+                                   f"at {input.device} and hidden tensor at {state.device}")
+            if state.dtype != input.dtype:
+                raise RuntimeError("Input and hidden tensors are not the same dtype, found input tensor "
+                                   f"with {input.dtype} and hidden tensor with {state.dtype}")
+
+
+class LSTM(_PersistentRNN, nn.LSTM):
+    __doc__ = "torch.nn.LSTM on persistent Triton kernels.\n\n" + (nn.LSTM.__doc__ or "")
+    _cell = "lstm"
+
+
+class GRU(_PersistentRNN, nn.GRU):
+    __doc__ = "torch.nn.GRU on persistent Triton kernels.\n\n" + (nn.GRU.__doc__ or "")
+    _cell = "gru"
