@@ -9,22 +9,13 @@ import logging
 import torch
 import triton
 
+from ..autotune.tables import SINGLE_PROGRAM
 from .backend import current_backend
 
 log = logging.getLogger("persistrnn")
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Largest power-of-two hidden block one program holds on-chip (W_hh^T tiles, and W_hr^T with
-# proj_size), per cell and dtype. Measured by the ahead-of-time compile for sm_80 and sm_90
-# (no spills, shared memory within the limit); tests/test_aot.py re-checks every config the
-# planner can pick, and that the next block up does not fit. fp64 is for reference runs only.
-MAX_SINGLE_PROGRAM_BLOCK = {
-    ("lstm", torch.float16): 128, ("lstm", torch.bfloat16): 128,
-    ("lstm", torch.float32): 64, ("lstm", torch.float64): 32,
-    ("gru", torch.float16): 128, ("gru", torch.bfloat16): 128,
-    ("gru", torch.float32): 64, ("gru", torch.float64): 32,
-}
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16 on the GPU
 
 
@@ -49,13 +40,14 @@ def block_for(n):
 
 
 def single_program_config(cell, dtype, hidden_size, proj_size):
-    """The single-program config for these sizes, or None if its weights do not fit on-chip."""
+    """The single-program config for these sizes, or None if its weights do not fit on-chip.
+    The blocks and warp counts come from the ahead-of-time compile (autotune/tables.py)."""
+    held = SINGLE_PROGRAM[(cell, str(dtype).replace("torch.", ""))]
     block_h = block_for(hidden_size)
-    block_r = block_for(proj_size or hidden_size)
-    limit = MAX_SINGLE_PROGRAM_BLOCK[(cell, dtype)]
-    if block_h > limit:
+    if block_h not in held:
         return None
-    return KernelConfig(block_b=MIN_BLOCK, block_h=block_h, block_r=block_r)
+    return KernelConfig(block_b=MIN_BLOCK, block_h=block_h, block_r=block_for(proj_size or hidden_size),
+                        num_warps=held[block_h])
 
 
 def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, grad_needed) -> Dispatch:
@@ -78,7 +70,7 @@ def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, grad_needed)
         return Dispatch("torch", f"input dtype {dtype} differs from weight dtype {weight_dtype} (autocast)")
     config = single_program_config(cell, dtype, hidden_size, proj_size)
     if config is None:
-        limit = MAX_SINGLE_PROGRAM_BLOCK[(cell, dtype)]
+        limit = max(SINGLE_PROGRAM[(cell, str(dtype).replace("torch.", ""))])
         return Dispatch("torch", f"hidden_size={hidden_size} does not fit one program on-chip for "
                                  f"{cell} {dtype} (at most {limit}); the split tier is not built yet")
     return Dispatch(name, "kernel", config)

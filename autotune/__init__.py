@@ -1,0 +1,1 @@
+"""Config choice and the static (ahead-of-time) resource check of the kernels."""
