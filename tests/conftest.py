@@ -1,0 +1,71 @@
+"""Shared helpers: fresh random seeds, layer pairs (ours vs torch.nn in float64), tolerances."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import persistrnn
+
+# Relative error ||out - ref|| / ||ref|| against torch.nn in float64 with the same weights.
+# fp16/bf16: the state and accumulation are fp32, the tolerance covers operand/output rounding.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+DTYPES = list(TOL)
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """Every test draws fresh random inputs; the seed is printed so a failure can be replayed."""
+    seed = int(os.environ.get("PERSISTRNN_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    torch.manual_seed(seed)
+    print(f"seed={seed} (replay: PERSISTRNN_TEST_SEED={seed})")
+    return seed
+
+
+@pytest.fixture
+def interpret():
+    with persistrnn.backend("interpret"):
+        yield
+
+
+def make_pair(cell, input_size, hidden_size, dtype=torch.float32, **kwargs):
+    """Our layer in `dtype` and its torch.nn twin in float64 with exactly the same weights."""
+    ours = (persistrnn.LSTM if cell == "lstm" else persistrnn.GRU)(input_size, hidden_size, dtype=dtype, **kwargs)
+    ref = (nn.LSTM if cell == "lstm" else nn.GRU)(input_size, hidden_size, dtype=torch.float64, **kwargs)
+    ref.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    return ours, ref
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def to64(value):
+    """float64 copy of a tensor, a PackedSequence or a (h0, c0) tuple."""
+    if value is None:
+        return None
+    if isinstance(value, nn.utils.rnn.PackedSequence):
+        return value._replace(data=value.data.double())
+    if isinstance(value, tuple):
+        return tuple(v.double() for v in value)
+    return value.double()
+
+
+def flat_outputs(result):
+    """(output, h_n[, c_n]) as plain tensors."""
+    output, hidden = result
+    if isinstance(output, nn.utils.rnn.PackedSequence):
+        output = output.data
+    return (output, *hidden) if isinstance(hidden, tuple) else (output, hidden)
+
+
+def assert_close_to_ref(ours, ref, input, hx=None, dtype=torch.float32):
+    with torch.no_grad():
+        got = flat_outputs(ours(input, hx))
+        want = flat_outputs(ref(to64(input), to64(hx)))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == dtype
+        assert torch.isfinite(g).all()
+        assert rel_err(g, w) <= TOL[dtype], f"relative error {rel_err(g, w):.3e} > {TOL[dtype]:.0e}"
