@@ -1,0 +1,100 @@
+"""Which path runs, and that the choice is visible: kernels really ran, fallbacks are named."""
+import logging
+
+import pytest
+import torch
+
+import persistrnn
+import persistrnn.layers.functional as functional
+from persistrnn.autotune.tables import SINGLE_PROGRAM
+
+from conftest import make_pair, rel_err
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts real kernel launches (the launcher still runs)."""
+    calls = []
+    real = functional.rnn_forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "rnn_forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_kernel_runs_once_per_layer(cell, launches, interpret):
+    ours, _ = make_pair(cell, 4, 8, torch.float32, num_layers=3, bidirectional=True)
+    with torch.no_grad():
+        ours(torch.randn(3, 2, 4))
+    assert len(launches) == 3 and all(call["interpret"] for call in launches)
+    assert ours.last_dispatch.path == "interpret" and ours.last_dispatch.config.block_h == 16
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_too_large_for_one_program_falls_back_visibly(cell, launches, interpret, caplog):
+    limit = max(SINGLE_PROGRAM[(cell, "float32")])
+    ours, ref = make_pair(cell, 4, limit + 1, torch.float32)
+    x = torch.randn(3, 2, 4)
+    with torch.no_grad(), caplog.at_level(logging.DEBUG, logger="persistrnn"):
+        out = ours(x)[0]
+    assert launches == []
+    assert ours.last_dispatch.path == "torch" and "does not fit one program" in ours.last_dispatch.reason
+    assert "does not fit one program" in caplog.text
+    with torch.no_grad():
+        assert rel_err(out, ref(x.double())[0]) < 1e-5
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_grad_enabled_uses_torch_and_gives_torch_gradients(cell, launches, interpret):
+    ours, ref = make_pair(cell, 4, 8, torch.float64, bidirectional=True)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    ours(x)[0].square().sum().backward()
+    assert launches == [] and ours.last_dispatch.path == "torch"
+    assert "backward kernels are not built yet" in ours.last_dispatch.reason
+    x_ref = x.detach().clone().requires_grad_()
+    ref(x_ref)[0].square().sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    for (name, p), p_ref in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12), name
+
+
+def test_inference_mode_runs_the_kernel(launches, interpret):
+    ours, _ = make_pair("gru", 4, 8, torch.float32)
+    with torch.inference_mode():
+        ours(torch.randn(3, 2, 4))
+    assert len(launches) == 1
+
+
+def test_auto_backend_runs_torch_on_cpu(launches):
+    ours, _ = make_pair("lstm", 4, 8, torch.float32)
+    with torch.no_grad():
+        ours(torch.randn(3, 2, 4))
+    assert launches == [] and ours.last_dispatch.path == "torch" and "'auto'" in ours.last_dispatch.reason
+
+
+def test_environment_variable_selects_the_backend(launches, monkeypatch):
+    ours, _ = make_pair("lstm", 4, 8, torch.float32)
+    monkeypatch.setenv("PERSISTRNN_BACKEND", "interpret")
+    assert persistrnn.current_backend() == "interpret"
+    with torch.no_grad():
+        ours(torch.randn(3, 2, 4))
+    assert len(launches) == 1
+    with persistrnn.backend("torch"), torch.no_grad():  # the context manager wins over the variable
+        ours(torch.randn(3, 2, 4))
+    assert len(launches) == 1 and ours.last_dispatch.path == "torch"
+    monkeypatch.setenv("PERSISTRNN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown persistrnn backend"):
+        persistrnn.current_backend()
+
+
+def test_backend_context_restores_on_exit():
+    with persistrnn.backend("interpret"):
+        with pytest.raises(RuntimeError):
+            with persistrnn.backend("torch"):
+                raise RuntimeError
+        assert persistrnn.current_backend() == "interpret"
+    assert persistrnn.current_backend() == "auto"
