@@ -1,0 +1,1 @@
+"""Benchmarks against torch.nn (cuDNN); committed reports live in benchmarks/results/<device>/."""

@@ -69,3 +69,13 @@ def assert_close_to_ref(ours, ref, input, hx=None, dtype=torch.float32):
         assert g.shape == w.shape and g.dtype == dtype
         assert torch.isfinite(g).all()
         assert rel_err(g, w) <= TOL[dtype], f"relative error {rel_err(g, w):.3e} > {TOL[dtype]:.0e}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

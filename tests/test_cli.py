@@ -1,0 +1,40 @@
+"""The `persistrnn` command: demo and check run the kernels and exit non-zero on mismatch."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from persistrnn.cli import main
+
+
+def test_demo_runs_the_kernels_on_cpu(capsys):
+    assert main(["demo", "--json", "--seq", "4", "--hidden-size", "24"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["cell"] for r in report["rows"]] == ["lstm", "gru"]
+    assert all(r["path"] == "interpret" and r["ok"] for r in report["rows"])
+    assert report["rows"][0]["params"] == 4 * (24 * 32 + 24 * 24 + 2 * 24)
+    assert report["rows"][1]["params"] == 3 * (24 * 32 + 24 * 24 + 2 * 24)
+
+
+def test_check_passes_and_fails(capsys):
+    assert main(["check", "--json", "--bidirectional", "--layers", "2"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert all(r["ok"] and r["path"] == "interpret" for r in results)
+    # a tolerance no real computation meets: the command must report the mismatch
+    assert main(["check", "--tol", "0", "--cell", "gru"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_python_dash_m_and_help():
+    for command in ([], ["demo"], ["check"], ["capacity"], ["bench"]):
+        out = subprocess.run([sys.executable, "-m", "persistrnn", *command, "--help"], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "usage" in out.stdout.lower()
+
+
+@pytest.mark.parametrize("argv", [["bench", "--json"]])
+def test_bench_without_gpu_says_so_and_exits_0(argv, capsys):
+    assert main(argv) == 0
+    assert "no CUDA GPU" in capsys.readouterr().out

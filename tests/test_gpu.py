@@ -1,0 +1,56 @@
+"""On a GPU: the compiled kernels against cuDNN (torch.nn on CUDA) with the same weights."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence
+
+import persistrnn
+from persistrnn.layers.check import relative_error, tolerance
+
+pytestmark = pytest.mark.gpu
+
+CASES = [
+    ("lstm", 64, {}), ("lstm", 64, dict(bidirectional=True, num_layers=2)), ("lstm", 64, dict(proj_size=32)),
+    ("lstm", 48, dict(batch_first=True)), ("gru", 128, {}), ("gru", 128, dict(bidirectional=True)),
+    ("gru", 100, dict(num_layers=2, bias=False)),
+]
+
+
+def _pair(cell, hidden, dtype, kwargs):
+    ours = (persistrnn.LSTM if cell == "lstm" else persistrnn.GRU)(64, hidden, device="cuda", dtype=dtype, **kwargs)
+    ref = (nn.LSTM if cell == "lstm" else nn.GRU)(64, hidden, device="cuda", dtype=dtype, **kwargs)
+    ref.load_state_dict(ours.state_dict())
+    return ours.eval(), ref.eval()
+
+
+def _outputs(result):
+    out, hidden = result
+    out = out.data if isinstance(out, nn.utils.rnn.PackedSequence) else out
+    return (out, *hidden) if isinstance(hidden, tuple) else (out, hidden)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("cell,hidden,kwargs", CASES)
+def test_matches_cudnn(cell, hidden, kwargs, dtype):
+    ours, ref = _pair(cell, hidden, dtype, kwargs)
+    shape = (8, 100, 64) if kwargs.get("batch_first") else (100, 8, 64)
+    x = torch.randn(*shape, device="cuda", dtype=dtype)
+    with torch.no_grad(), persistrnn.backend("triton"):
+        got = _outputs(ours(x))
+        want = _outputs(ref(x))
+    for g, w in zip(got, want):
+        assert relative_error(g, w) <= tolerance(dtype, "cuda")
+    fits = persistrnn.layers.dispatch.single_program_config(cell, dtype, hidden, kwargs.get("proj_size", 0))
+    assert ours.last_dispatch.path == ("triton" if fits else "torch")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_packed_matches_cudnn(cell):
+    ours, ref = _pair(cell, 64, torch.float16, dict(bidirectional=True))
+    seqs = [torch.randn(n, 64, device="cuda", dtype=torch.float16) for n in (50, 7, 33, 1)]
+    x = pack_sequence(seqs, enforce_sorted=False)
+    with torch.no_grad(), persistrnn.backend("triton"):
+        got, want = _outputs(ours(x)), _outputs(ref(x))
+    assert ours.last_dispatch.path == "triton"
+    for g, w in zip(got, want):
+        assert relative_error(g, w) <= tolerance(torch.float16, "cuda")
