@@ -55,18 +55,22 @@ def resource_usage(cubin: bytes):
 
 @functools.lru_cache(maxsize=None)
 def forward_resources(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages,
-                      target="sm_90"):
+                      target="sm_90", split=1):
     """Compile the forward kernel for one config and report what it uses on `target`."""
     spec = TARGETS[target]
     ptr = _PTR[dtype]
     signature = {name: ptr for name in ("xproj_ptr", "w_hh_ptr", "b_hn_ptr", "w_hr_ptr", "h0_ptr",
                                          "c0_ptr", "y_ptr", "hn_ptr", "cn_ptr")}
-    signature["lengths_ptr"] = "*i32"
-    for name in ("T", "B", "H", "R", "stride_xt", "stride_xb", "stride_yt", "stride_yb"):
+    signature["xbuf_ptr"] = ("*fp64" if dtype == torch.float64 else "*fp32") if has_proj else ptr
+    for name in ("lengths_ptr", "counter_ptr", "error_ptr"):
+        signature[name] = "*i32"
+    for name in ("T", "B", "H", "R", "MAX_SPIN", "stride_xt", "stride_xb", "stride_yt", "stride_yb"):
         signature[name] = "i32"
-    constexprs = kernel_constexprs(cell, dtype, has_proj, block_b, block_h, block_r,
+    constexprs = kernel_constexprs(cell, dtype, has_proj, split, block_b, block_h, block_r,
                                    interpret=False, allow_tf32=False)
     signature.update({name: "constexpr" for name in constexprs})
+    # ASTSource wants the signature in the kernel's argument order
+    signature = {name: signature[name] for name in _rnn_forward_kernel.arg_names}
     src = ASTSource(_rnn_forward_kernel, signature, constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", spec["capability"], 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))

@@ -5,12 +5,25 @@ import). The `interpret` backend must be selectable after import, so inside `int
 make every JITFunction call behave as the interpreter's own device-function call would
 (triton 3.6: `InterpretedFunction.__call__`), and set the interpret knob that constexpr
 functions consult. Pinned to triton 3.6; tests/test_interpreter.py guards it.
+
+The stock interpreter runs a grid's programs one after another, so a program that waits at a
+barrier for another would wait forever. `interpreted(kernel, concurrent=True)` runs every program
+of the grid in its own thread instead, with a thread-local program id; a spinning atomic poll
+yields the GIL, the wait for all programs is bounded, and an error is re-raised with the id of
+the program that raised it.
 """
 import contextlib
+import functools
+import inspect
+import math
 import threading
+import time
 
+import numpy as np
 import triton
-from triton.runtime.interpreter import InterpretedFunction
+import triton.language as tl  # noqa: F401  (the interpreter patches tl through our globals)
+from triton.runtime.interpreter import (GridExecutor, InterpretedFunction, InterpreterBuilder, TensorHandle,
+                                        interpreter_builder)
 from triton.runtime.jit import JITFunction
 
 _lock = threading.RLock()
@@ -18,11 +31,77 @@ _lock = threading.RLock()
 _interpreted = {}
 
 
-def interpreted(kernel: JITFunction) -> InterpretedFunction:
+def interpreted(kernel: JITFunction, concurrent=False, timeout=600.0):
+    """`kernel` as the interpreter runs it: `interpreted(kernel)[grid](*args)` inside `interpreting()`.
+    concurrent=True runs the grid's programs at the same time (see the module doc)."""
     fn = _interpreted.get(id(kernel))
     if fn is None:
         fn = _interpreted[id(kernel)] = InterpretedFunction(kernel.fn)
-    return fn
+    return _ConcurrentLauncher(fn, timeout) if concurrent else fn
+
+
+_program = threading.local()
+
+
+def _thread_program_id(self, axis):
+    idx = getattr(_program, "idx", None) or self.grid_idx
+    return TensorHandle(np.array([idx[axis]], dtype=np.int32), tl.int32)
+
+
+def _yielding(atomic):
+    @functools.wraps(atomic)
+    def call(self, *args, **kwargs):
+        result = atomic(self, *args, **kwargs)
+        time.sleep(0)  # let the program we may be waiting for run
+        return result
+    return call
+
+
+class _ConcurrentLauncher:
+    def __init__(self, fn: InterpretedFunction, timeout):
+        self.fn, self.timeout = fn, timeout
+
+    def __getitem__(self, grid):
+        return functools.partial(self._launch, tuple(grid) + (1,) * (3 - len(grid)))
+
+    def _launch(self, grid, *args, **kwargs):
+        body = self.fn.rewrite()
+        n_programs = math.prod(grid)
+        threads, errors = [], {}
+
+        def run(idx, program_args):
+            _program.idx = idx
+            try:
+                body(**program_args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below with the program id
+                errors[idx] = exc
+
+        # GridExecutor calls this once per program (in grid order, with the arguments converted);
+        # each call starts a thread, and the last one waits for them all.
+        @functools.wraps(body)
+        def start_program(**program_args):
+            idx = interpreter_builder.grid_idx  # set by GridExecutor for this program
+            thread = threading.Thread(target=run, args=(idx, program_args), daemon=True)
+            threads.append((idx, thread))
+            thread.start()
+            if len(threads) == n_programs:
+                deadline = time.monotonic() + self.timeout
+                for _, t in threads:
+                    t.join(max(0.0, deadline - time.monotonic()))
+                stuck = [i for i, t in threads if t.is_alive()]
+                if stuck:
+                    raise TimeoutError(f"interpreted programs {stuck} did not finish within {self.timeout} s")
+
+        start_program.__signature__ = inspect.signature(body)
+        saved = InterpreterBuilder.create_get_program_id, InterpreterBuilder.create_atomic_rmw
+        InterpreterBuilder.create_get_program_id = _thread_program_id
+        InterpreterBuilder.create_atomic_rmw = _yielding(saved[1])
+        try:
+            GridExecutor(start_program, self.fn.arg_names, grid)(*args, **kwargs)
+        finally:
+            InterpreterBuilder.create_get_program_id, InterpreterBuilder.create_atomic_rmw = saved
+        for idx, exc in sorted(errors.items()):
+            raise RuntimeError(f"interpreted program {idx} failed: {exc!r}") from exc
 
 
 def _call_interpreted(self, *args, **kwargs):
