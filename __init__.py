@@ -3,7 +3,8 @@
 from persistrnn.layers.backend import backend, current_backend
 from persistrnn.layers.check import check
 from persistrnn.layers.convert import convert
+from persistrnn.layers.dispatch import pin_config
 from persistrnn.layers.rnn import GRU, LSTM
 
-__all__ = ["LSTM", "GRU", "convert", "check", "backend", "current_backend"]
+__all__ = ["LSTM", "GRU", "convert", "check", "backend", "current_backend", "pin_config"]
 __version__ = "0.1.0"

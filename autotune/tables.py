@@ -12,3 +12,4 @@ SINGLE_PROGRAM = {('gru', 'bfloat16'): {16: 4, 32: 4, 64: 4, 128: 16},
  ('lstm', 'float16'): {16: 4, 32: 4, 64: 4},
  ('lstm', 'float32'): {16: 4, 32: 4},
  ('lstm', 'float64'): {16: 4, 32: 8}}
+SPLIT_PROGRAM = {}

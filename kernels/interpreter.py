@@ -67,7 +67,7 @@ class _ConcurrentLauncher:
     def _launch(self, grid, *args, **kwargs):
         body = self.fn.rewrite()
         n_programs = math.prod(grid)
-        threads, errors = [], {}
+        threads, errors, stuck = [], {}, []
 
         def run(idx, program_args):
             _program.idx = idx
@@ -88,9 +88,7 @@ class _ConcurrentLauncher:
                 deadline = time.monotonic() + self.timeout
                 for _, t in threads:
                     t.join(max(0.0, deadline - time.monotonic()))
-                stuck = [i for i, t in threads if t.is_alive()]
-                if stuck:
-                    raise TimeoutError(f"interpreted programs {stuck} did not finish within {self.timeout} s")
+                stuck.extend(i for i, t in threads if t.is_alive())
 
         start_program.__signature__ = inspect.signature(body)
         saved = InterpreterBuilder.create_get_program_id, InterpreterBuilder.create_atomic_rmw
@@ -100,6 +98,8 @@ class _ConcurrentLauncher:
             GridExecutor(start_program, self.fn.arg_names, grid)(*args, **kwargs)
         finally:
             InterpreterBuilder.create_get_program_id, InterpreterBuilder.create_atomic_rmw = saved
+        if stuck:
+            raise TimeoutError(f"interpreted programs {stuck} did not finish within {self.timeout} s")
         for idx, exc in sorted(errors.items()):
             raise RuntimeError(f"interpreted program {idx} failed: {exc!r}") from exc
 

@@ -3,13 +3,15 @@
 The choice is never silent: every call's `Dispatch` is kept on the module (`module.last_dispatch`)
 and logged at DEBUG level on the `persistrnn` logger.
 """
+import contextlib
+import contextvars
 import dataclasses
 import logging
 
 import torch
 import triton
 
-from ..autotune.tables import SINGLE_PROGRAM
+from ..autotune.tables import SINGLE_PROGRAM, SPLIT_PROGRAM
 from .backend import current_backend
 
 log = logging.getLogger("persistrnn")
@@ -39,10 +41,40 @@ def block_for(n):
     return max(MIN_BLOCK, triton.next_power_of_2(n))
 
 
+def _name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+_pinned = contextvars.ContextVar("persistrnn_pinned_config", default=None)
+# programs that can run at once where no GPU tells us: an H100's SMs, one program each
+DEFAULT_SMS = 132
+
+
+@contextlib.contextmanager
+def pin_config(block_h=None, block_b=None, num_warps=None, num_stages=None):
+    """Pin the kernel config of every launch inside the block (any argument optional).
+    block_h < hidden_size selects the split tier with SPLIT = cdiv(hidden_size, block_h).
+    A config that cannot run for a layer's shapes raises ValueError at that layer's call."""
+    pinned = dict(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=num_stages)
+    for name in ("block_h", "block_b"):
+        value = pinned[name]
+        if value is not None and (not isinstance(value, int) or value < MIN_BLOCK or value & (value - 1)):
+            raise ValueError(f"pin_config: {name} must be a power of two >= {MIN_BLOCK}, got {value!r}")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"pin_config: num_warps must be a power of two from 1 to 32, got {num_warps!r}")
+    if num_stages is not None and (not isinstance(num_stages, int) or num_stages < 1):
+        raise ValueError(f"pin_config: num_stages must be an int >= 1, got {num_stages!r}")
+    token = _pinned.set({k: v for k, v in pinned.items() if v is not None})
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
+
+
 def single_program_config(cell, dtype, hidden_size, proj_size):
     """The single-program config for these sizes, or None if its weights do not fit on-chip.
     The blocks and warp counts come from the ahead-of-time compile (autotune/tables.py)."""
-    held = SINGLE_PROGRAM[(cell, str(dtype).replace("torch.", ""))]
+    held = SINGLE_PROGRAM[(cell, _name(dtype))]
     block_h = block_for(hidden_size)
     if block_h not in held:
         return None
@@ -50,7 +82,47 @@ def single_program_config(cell, dtype, hidden_size, proj_size):
                         num_warps=held[block_h])
 
 
-def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, grad_needed) -> Dispatch:
+def split_program_config(cell, dtype, hidden_size, proj_size):
+    """The split tier's config for these sizes, or None if no block holds its slice on-chip."""
+    found = SPLIT_PROGRAM.get((cell, _name(dtype)), {}).get(block_for(proj_size or hidden_size))
+    if found is None or found[0] >= hidden_size:
+        return None
+    block_h, num_warps = found
+    return KernelConfig(block_b=MIN_BLOCK, block_h=block_h, block_r=block_for(proj_size or hidden_size),
+                        num_warps=num_warps)
+
+
+def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms):
+    """(config, None), or (None, why no kernel config holds these sizes). A pinned config
+    (pin_config) overrides the tables field by field, and raises if it cannot run."""
+    pinned = _pinned.get() or {}
+    config = single_program_config(cell, dtype, hidden_size, proj_size)
+    if config is None or pinned.get("block_h", config.block_h) < hidden_size:
+        config = split_program_config(cell, dtype, hidden_size, proj_size) or config
+    if config is None and "block_h" not in pinned:
+        single = max(SINGLE_PROGRAM[(cell, _name(dtype))])
+        return None, (f"hidden_size={hidden_size} does not fit on-chip for {cell} {dtype}: one program holds "
+                      f"at most {single}, and no split block holds a recurrent input of "
+                      f"{proj_size or hidden_size}")
+    fields = dataclasses.asdict(config) if config else dict(block_b=MIN_BLOCK, num_warps=4, num_stages=1)
+    fields.update(pinned)
+    block_r = block_for(proj_size or hidden_size)
+    if fields["block_h"] >= hidden_size and not proj_size:
+        block_r = fields["block_h"]  # one program, no projection: h is the program's own block
+    config = KernelConfig(**{**fields, "block_r": block_r})
+    split = -(-hidden_size // config.block_h)
+    grid = -(-batch // config.block_b) * split * num_directions
+    if split > 1 and grid > sms:
+        why = (f"the split tier needs all {grid} programs (batch tiles x SPLIT={split} x directions) "
+               f"running at once, and this device holds {sms}")
+        if pinned:
+            raise ValueError(f"pin_config({pinned}) cannot run here: {why}")
+        return None, why
+    return config, None
+
+
+def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_directions,
+         grad_needed) -> Dispatch:
     name = current_backend()
     if name == "torch":
         return Dispatch("torch", "backend 'torch' selected")
@@ -68,9 +140,8 @@ def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, grad_needed)
         return Dispatch("torch", f"no kernel for dtype {dtype}")
     if dtype != weight_dtype:  # only reachable under autocast, which torch handles
         return Dispatch("torch", f"input dtype {dtype} differs from weight dtype {weight_dtype} (autocast)")
-    config = single_program_config(cell, dtype, hidden_size, proj_size)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
+    config, why = kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms)
     if config is None:
-        limit = max(SINGLE_PROGRAM[(cell, str(dtype).replace("torch.", ""))])
-        return Dispatch("torch", f"hidden_size={hidden_size} does not fit one program on-chip for "
-                                 f"{cell} {dtype} (at most {limit}); the split tier is not built yet")
+        return Dispatch("torch", why)
     return Dispatch(name, "kernel", config)

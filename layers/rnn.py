@@ -54,7 +54,7 @@ class _PersistentRNN:
         grad_needed = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, *states, *self._flat_weights))
         dispatch = plan(self._cell, input.device, input.dtype, self._flat_weights[0].dtype,
-                        self.hidden_size, self.proj_size, grad_needed)
+                        self.hidden_size, self.proj_size, max_batch_size, num_directions, grad_needed)
         self.last_dispatch = dispatch
         log.debug("%s: %s (%s) %s", type(self).__name__, dispatch.path, dispatch.reason, dispatch.config or "")
 

@@ -40,3 +40,65 @@ def test_state_is_restored_after_an_error():
 def test_outside_the_scope_helpers_refuse_to_run():
     with pytest.raises(RuntimeError, match="outside of the scope of a kernel"):
         tanh(torch.zeros(1))
+
+
+@triton.jit
+def _meet(counter_ptr, out_ptr, MAX_SPIN):
+    """Each program adds its id, waits for all (bounded), then reads the total."""
+    pid = tl.program_id(0)
+    n = tl.num_programs(0)
+    tl.atomic_add(counter_ptr + 1, pid + 1)
+    tl.atomic_add(counter_ptr, 1, sem="release")
+    arrived = tl.atomic_add(counter_ptr, 0, sem="acquire")
+    spins = 0
+    while (arrived < n) & (spins < MAX_SPIN):
+        arrived = tl.atomic_add(counter_ptr, 0, sem="acquire")
+        spins += 1
+    tl.store(out_ptr + pid, tl.where(arrived >= n, tl.atomic_add(counter_ptr + 1, 0), -1))
+
+
+@triton.jit
+def _fail_in_program_2(out_ptr):
+    pid = tl.program_id(0)
+    tl.device_assert(pid != 2, "program 2 fails")
+    tl.store(out_ptr + pid, pid)
+
+
+def test_concurrent_programs_meet_at_a_barrier():
+    counter = torch.zeros(2, dtype=torch.int32)
+    out = torch.full((6,), -7, dtype=torch.int32)
+    with interpreting():
+        interpreted(_meet, concurrent=True)[(6,)](counter, out, 1 << 20)
+    assert out.tolist() == [21] * 6  # every program saw all six arrivals
+
+
+def test_sequential_programs_cannot_meet():
+    """The stock executor runs programs one by one: the bounded spin gives up (the reason the
+    concurrent launcher exists)."""
+    counter = torch.zeros(2, dtype=torch.int32)
+    out = torch.full((3,), -7, dtype=torch.int32)
+    with interpreting():
+        interpreted(_meet)[(3,)](counter, out, 5)
+    assert out.tolist()[:2] == [-1, -1]
+
+
+def test_concurrent_errors_name_the_program(monkeypatch):
+    import dataclasses
+
+    from triton.runtime.interpreter import interpreter_builder
+    # device_assert is active in debug mode only
+    monkeypatch.setattr(interpreter_builder, "options", dataclasses.replace(interpreter_builder.options, debug=True))
+    out = torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"program \(2, 0, 0\)"):
+        with interpreting():
+            interpreted(_fail_in_program_2, concurrent=True)[(4,)](out)
+
+
+def test_concurrent_wait_is_bounded():
+    out = torch.zeros(2, dtype=torch.int32)
+    # a counter that can never reach the grid size: the programs spin (bounded, but for longer
+    # than the launcher's timeout)
+    counter = torch.tensor([-(1 << 30), 0], dtype=torch.int32)
+    with pytest.raises(TimeoutError, match="did not finish"):
+        with interpreting():
+            interpreted(_meet, concurrent=True, timeout=0.05)[(2,)](counter, out, 20000)

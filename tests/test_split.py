@@ -1,0 +1,105 @@
+"""The split tier: SPLIT programs per batch tile meeting at a per-step barrier, run concurrently
+under the interpreter. Parity with torch.nn in float64, a broken barrier caught, a timeout raised."""
+import pytest
+import torch
+import triton
+import triton.language as tl  # noqa: F401  (the interpreter needs tl in a jit function's globals)
+
+import persistrnn
+import persistrnn.kernels.forward as forward
+from persistrnn.kernels.forward import BarrierTimeout
+
+from conftest import TOL, assert_close_to_ref, make_pair, rel_err
+from test_layers import make_input
+
+CASES = [  # (cell, hidden, block_h, layer kwargs, input kind)
+    ("lstm", 32, 16, {}, "padded_with_state"),
+    ("gru", 32, 16, dict(bidirectional=True), "packed_unsorted_with_state"),
+    ("lstm", 64, 16, dict(bidirectional=True, batch_first=True), "padded"),
+    ("gru", 64, 16, dict(num_layers=2), "packed_sorted"),
+    ("lstm", 40, 16, dict(proj_size=24, bidirectional=True), "packed_unsorted_with_state"),  # 3 programs, ragged
+    ("lstm", 128, 16, {}, "padded_with_state"),  # SPLIT = 8
+    ("gru", 128, 16, dict(bidirectional=True), "packed_unsorted_with_state"),
+    ("lstm", 64, 16, dict(proj_size=20, num_layers=2), "unbatched"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell,hidden,block_h,kwargs,kind", CASES)
+def test_split_forward_matches_torch_nn(cell, hidden, block_h, kwargs, kind, dtype, interpret):
+    ours, ref = make_pair(cell, 5, hidden, dtype, **kwargs)
+    x, hx = make_input(kind, ours, T=4, B=3, dtype=dtype)
+    with persistrnn.pin_config(block_h=block_h):
+        assert_close_to_ref(ours, ref, x, hx, dtype)
+    assert ours.last_dispatch.path == "interpret"
+    assert ours.last_dispatch.config.block_h == block_h < hidden
+
+
+def test_split_with_several_batch_tiles(interpret):
+    ours, ref = make_pair("gru", 4, 32, torch.float64, bidirectional=True)
+    x, hx = make_input("packed_unsorted_with_state", ours, T=3, B=35, dtype=torch.float64)
+    with persistrnn.pin_config(block_h=16):
+        assert_close_to_ref(ours, ref, x, hx, torch.float64)
+
+
+def _run_split_lstm(monkeypatch):
+    ours, ref = make_pair("lstm", 4, 32, torch.float64)
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    with persistrnn.pin_config(block_h=16), persistrnn.backend("interpret"), torch.no_grad():
+        got = ours(x)[0]
+    return got, ref(x)[0].detach()
+
+
+@pytest.fixture
+def sequential_programs(monkeypatch):
+    """Run the grid's programs one after another, as the stock interpreter does."""
+    real = forward.interpreted
+    monkeypatch.setattr(forward, "interpreted", lambda kernel, concurrent=False: real(kernel))
+
+
+@triton.jit
+def _barrier_that_does_not_wait(counter_ptr, target, alive, MAX_SPIN):
+    return alive
+
+
+def test_a_broken_barrier_is_caught(monkeypatch, sequential_programs):
+    """With a barrier that does not wait, program 0 runs every step before program 1 has written
+    its half of h: the parity check must fail."""
+    monkeypatch.setattr(forward, "_barrier", _barrier_that_does_not_wait)
+    got, want = _run_split_lstm(monkeypatch)
+    assert not (rel_err(got, want) <= TOL[torch.float64])
+
+
+def test_barrier_timeout_is_a_python_error_not_a_hang(monkeypatch, sequential_programs):
+    """Programs that cannot meet (here: run one after another) time out and the host raises."""
+    monkeypatch.setitem(forward.MAX_SPIN, "interpret", 20)
+    with pytest.raises(BarrierTimeout, match="timed out after 20 polls"):
+        _run_split_lstm(monkeypatch)
+
+
+def test_the_intact_barrier_passes_under_concurrent_programs(monkeypatch):
+    got, want = _run_split_lstm(monkeypatch)
+    assert rel_err(got, want) <= TOL[torch.float64]
+
+
+def test_pin_config_validates():
+    for bad in (dict(block_h=24), dict(block_h=8), dict(block_b=0), dict(num_warps=3), dict(num_stages=0)):
+        with pytest.raises(ValueError, match="pin_config"):
+            with persistrnn.pin_config(**bad):
+                pass
+
+
+def test_pinned_grid_that_cannot_be_resident_raises(interpret):
+    ours, _ = make_pair("lstm", 4, 32, torch.float32, bidirectional=True)
+    x = torch.randn(2, 600, 4)  # 38 batch tiles x SPLIT 2 x 2 directions = 152 programs > 132
+    with persistrnn.pin_config(block_h=16), torch.no_grad(), pytest.raises(ValueError, match="at once"):
+        ours(x)
+
+
+def test_pinned_single_program_block_larger_than_needed(interpret):
+    ours, ref = make_pair("gru", 4, 20, torch.float64)
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    with persistrnn.pin_config(block_h=64, num_warps=8):
+        assert_close_to_ref(ours, ref, x, dtype=torch.float64)
+    config = ours.last_dispatch.config
+    assert (config.block_h, config.block_r, config.num_warps) == (64, 64, 8)
