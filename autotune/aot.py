@@ -4,8 +4,8 @@
 its registers (REG), stack (STACK: spills) and local memory, and triton's metadata its shared
 memory. A config is on-chip when it spills nothing and its shared memory fits the target.
 """
+import concurrent.futures
 import dataclasses
-import functools
 import os
 import re
 import subprocess
@@ -53,10 +53,31 @@ def resource_usage(cubin: bytes):
     return {k: int(v) for k, v in fields.items()}
 
 
-@functools.lru_cache(maxsize=None)
+_resources = {}  # per process: config key -> Resources
+
+
 def forward_resources(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages,
                       target="sm_90", split=1):
-    """Compile the forward kernel for one config and report what it uses on `target`."""
+    """Compile the forward kernel for one config and report what it uses on `target` (cached)."""
+    key = (cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages, target, split)
+    if key not in _resources:
+        _resources[key] = _compile_forward(*key)
+    return _resources[key]
+
+
+def prefetch(keys, workers=None):
+    """Compile many configs (tuples of forward_resources' arguments, all ten) on all cores."""
+    missing = sorted({tuple(k) for k in keys} - set(_resources), key=str)
+    if missing:
+        with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+            _resources.update(zip(missing, pool.map(_compile_forward_key, missing)))
+
+
+def _compile_forward_key(key):
+    return _compile_forward(*key)
+
+
+def _compile_forward(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages, target, split):
     spec = TARGETS[target]
     ptr = _PTR[dtype]
     signature = {name: ptr for name in ("xproj_ptr", "w_hh_ptr", "b_hn_ptr", "w_hr_ptr", "h0_ptr",

@@ -1,18 +1,20 @@
-"""Static capacity: the largest hidden size whose weights one program keeps on-chip, per target.
+"""Static capacity: which kernel configs keep their weights on-chip, per GPU target.
 
-Single-program tier (BLOCK_H >= H): ahead-of-time compiles each power-of-two block with each
+Single-program tier (BLOCK_H >= H): each power-of-two block is compiled ahead of time with each
 candidate warp count; a block is held when some warp count compiles on-chip (no spills, shared
-memory within the target's limit). Split tier (SPLIT = H / BLOCK_H programs per batch tile):
-for each power-of-two width BLOCK_R of the recurrent input, the largest BLOCK_H < BLOCK_R whose
-kernels compile on-chip, and the grid must fit the target's SMs (one program per SM). Triton places the W_hh^T MMA operands in
-shared memory, so a block whose weights alone exceed the target's shared memory is not tried
-(those compiles also take ptxas minutes).
+memory within the target's limit) for every variant (for the LSTM: with proj_size too).
+Split tier (SPLIT = H / BLOCK_H programs per batch tile): for each power-of-two width BLOCK_R of
+the recurrent input (H, or proj_size), the largest BLOCK_H < BLOCK_R whose kernel compiles
+on-chip; without and with proj_size apart, since W_hr and the partial sums cost registers.
+Triton keeps the W_hh^T MMA operands in shared memory, so a block whose weights alone exceed the
+target's shared memory is not tried (those compiles also take ptxas minutes).
 
-    python -m persistrnn.autotune.capacity [--target sm_90] [--write]
+    python -m persistrnn.autotune.capacity [--write]
 
-`--write` regenerates autotune/tables.py, the table the planner uses at run time.
+`--write` regenerates autotune/tables.py, the tables the planner uses at run time.
 """
 import argparse
+import concurrent.futures
 import os
 import pprint
 
@@ -30,10 +32,20 @@ BLOCK_B = 16
 GATES = {"lstm": 4, "gru": 3}
 
 
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
 def weight_bytes(cell, dtype, block_h, block_r, has_proj):
     elements = GATES[cell] * block_h * block_r + (block_h * block_r if has_proj else 0)
     return elements * torch.finfo(dtype).bits // 8
 
+
+def _fits_smem(cell, dtype, block_h, block_r, has_proj, target):
+    return weight_bytes(cell, dtype, block_h, block_r, has_proj) <= TARGETS[target]["smem"]
+
+
+# --- single-program tier -------------------------------------------------------------------
 
 def _variants(cell, block_h):
     """(block_r, has_proj) of every kernel the planner may launch with this block_h."""
@@ -43,119 +55,146 @@ def _variants(cell, block_h):
     return variants
 
 
-def block_warps(cell, dtype, block_h, targets):
-    """The smallest candidate warp count with which every variant of this block compiles on-chip
-    on every target in `targets`, or None."""
+def single_keys(cell, dtype, block_h, target, warps=NUM_WARPS):
+    """forward_resources keys that block_warps may compile (for aot.prefetch)."""
+    return [(cell, dtype, p, BLOCK_B, block_h, r, w, 1, target, 1) for r, p in _variants(cell, block_h)
+            for w in warps if _fits_smem(cell, dtype, block_h, r, p, target)]
+
+
+def block_warps(cell, dtype, block_h, target):
+    """The smallest candidate warp count with which every variant of this block compiles
+    on-chip on `target`, or None."""
     variants = _variants(cell, block_h)
-    if any(weight_bytes(cell, dtype, block_h, r, p) > TARGETS[t]["smem"] for r, p in variants for t in targets):
+    if not all(_fits_smem(cell, dtype, block_h, r, p, target) for r, p in variants):
         return None
     for num_warps in NUM_WARPS:
-        if all(forward_resources(cell, dtype, p, BLOCK_B, block_h, r, num_warps, 1, t).on_chip
-               for r, p in variants for t in targets):
+        if all(forward_resources(cell, dtype, p, BLOCK_B, block_h, r, num_warps, 1, target).on_chip
+               for r, p in variants):
             return num_warps
     return None
 
 
-def single_program_blocks(cell, dtype, targets):
-    """{block_h: num_warps} for every block the single-program tier holds on-chip on `targets`;
-    stops at the first block that does not fit."""
+def single_program_blocks(cell, dtype, target):
+    """{block_h: num_warps} for every block one program holds on-chip on `target`; stops at the
+    first block that does not fit."""
     held = {}
     for block_h in BLOCKS:
-        num_warps = block_warps(cell, dtype, block_h, targets)
+        num_warps = block_warps(cell, dtype, block_h, target)
         if num_warps is None:
             break
         held[block_h] = num_warps
     return held
 
 
-def split_block(cell, dtype, block_r, targets):
+# --- split tier ----------------------------------------------------------------------------
+
+def _split_variant(block_r, block_h, has_proj):
+    # the code differs only between SPLIT == 1 and SPLIT > 1 (and in SLOTS with proj_size)
+    return (2 if has_proj else block_r // block_h), has_proj
+
+
+def split_keys(cell, dtype, has_proj, block_r, target, block_hs=SPLIT_BLOCK_H, warps=NUM_WARPS):
+    """forward_resources keys that split_block may compile (for aot.prefetch)."""
+    return [(cell, dtype, has_proj, BLOCK_B, block_h, block_r, w, 1, target,
+             _split_variant(block_r, block_h, has_proj)[0])
+            for block_h in block_hs if block_h < block_r for w in warps
+            if _fits_smem(cell, dtype, block_h, block_r, has_proj, target)]
+
+
+def split_block(cell, dtype, has_proj, block_r, target):
     """(block_h, num_warps) of the split tier for a recurrent input of width block_r: the largest
-    block_h < block_r with a warp count whose kernels (and the proj_size variant for the LSTM)
-    compile on-chip on every target, or None."""
+    block_h < block_r with a warp count that compiles on-chip on `target`, or None."""
     for block_h in SPLIT_BLOCK_H:
-        if block_h >= block_r:
+        if block_h >= block_r or not _fits_smem(cell, dtype, block_h, block_r, has_proj, target):
             continue
-        variants = [(block_r // block_h, False)] + ([(2, True)] if cell == "lstm" else [])
-        if any(weight_bytes(cell, dtype, block_h, block_r, p) > TARGETS[t]["smem"] for _, p in variants
-               for t in targets):
-            continue
+        split, _ = _split_variant(block_r, block_h, has_proj)
         for num_warps in NUM_WARPS:
-            if all(forward_resources(cell, dtype, p, BLOCK_B, block_h, block_r, num_warps, 1, t, split=split).on_chip
-                   for split, p in variants for t in targets):
+            if forward_resources(cell, dtype, has_proj, BLOCK_B, block_h, block_r, num_warps, 1, target,
+                                 split=split).on_chip:
                 return block_h, num_warps
     return None
 
 
-def split_blocks(cell, dtype, targets):
-    """{block_r: (block_h, num_warps)} for every width the split tier holds on `targets`; stops at
+def split_blocks(cell, dtype, has_proj, target):
+    """{block_r: (block_h, num_warps)} for every width the split tier holds on `target`; stops at
     the first width that does not fit."""
     held = {}
     for block_r in SPLIT_BLOCK_R:
-        found = split_block(cell, dtype, block_r, targets)
+        found = split_block(cell, dtype, has_proj, block_r, target)
         if found is None:
             break
         held[block_r] = found
     return held
 
 
+# --- reports and the shipped tables --------------------------------------------------------
+
 def capacity_table(target="sm_90"):
     """Rows of {cell, dtype, pass, target, max_hidden, config} for the forward pass: the largest
-    hidden size either tier holds on-chip with a grid that fits the target (batch <= 16,
-    unidirectional: one batch tile)."""
+    hidden size (no proj_size) either tier holds on-chip, with a grid of one batch tile of 16 rows
+    and one direction that fits the target's SMs (one program per SM)."""
     rows = []
     sms = TARGETS[target]["sms"]
     for cell in CELLS:
         for dtype in DTYPES[:3]:  # fp64 is for reference runs, not a capacity question
-            held = single_program_blocks(cell, dtype, (target,))
-            best = None
+            best = (0, {})
+            held = single_program_blocks(cell, dtype, target)
             if held:
                 block = max(held)
-                best = (block, dict(tier="single", block_b=BLOCK_B, block_h=block, num_warps=held[block],
-                                    num_stages=1, split=1), (False, block, block, held[block], 1))
-            for block_r, (block_h, num_warps) in split_blocks(cell, dtype, (target,)).items():
+                best = (block, dict(tier="single", block_b=BLOCK_B, block_h=block, block_r=block,
+                                    num_warps=held[block], num_stages=1, split=1))
+            for block_r, (block_h, num_warps) in split_blocks(cell, dtype, False, target).items():
                 hidden = min(block_r, sms * block_h)
-                if best is None or hidden > best[0]:
-                    split = -(-hidden // block_h)
-                    best = (hidden, dict(tier="split", block_b=BLOCK_B, block_h=block_h, num_warps=num_warps,
-                                         num_stages=1, split=split), (False, block_h, block_r, num_warps, split))
-            config = {}
-            if best:
-                config = best[1]
-                has_proj, block_h, block_r, num_warps, split = best[2]
-                res = forward_resources(cell, dtype, has_proj, BLOCK_B, block_h, block_r, num_warps, 1, target,
-                                        split=split)
+                if hidden > best[0]:
+                    best = (hidden, dict(tier="split", block_b=BLOCK_B, block_h=block_h, block_r=block_r,
+                                         num_warps=num_warps, num_stages=1, split=-(-hidden // block_h)))
+            hidden, config = best
+            if config:
+                res = forward_resources(cell, dtype, False, BLOCK_B, config["block_h"], config["block_r"],
+                                        config["num_warps"], 1, target,
+                                        split=1 if config["split"] == 1 else config["block_r"] // config["block_h"])
                 config.update(regs=res.regs, spill_bytes=res.stack + res.local, shared_bytes=res.shared)
-            rows.append(dict(cell=cell, dtype=str(dtype).replace("torch.", ""), **{"pass": "forward"},
-                             target=target, max_hidden=best[0] if best else 0, config=config))
+            rows.append({"cell": cell, "dtype": dtype_name(dtype), "pass": "forward", "target": target,
+                         "max_hidden": hidden, "config": config})
     return rows
 
 
-def shipped_table():
-    """What autotune/tables.py holds: configs that are on-chip on every target."""
-    targets = tuple(TARGETS)
-    keys = [(cell, dtype) for cell in CELLS for dtype in DTYPES]
-    name = lambda dtype: str(dtype).replace("torch.", "")  # noqa: E731
-    return ({(cell, name(dtype)): single_program_blocks(cell, dtype, targets) for cell, dtype in keys},
-            {(cell, name(dtype)): split_blocks(cell, dtype, targets) for cell, dtype in keys})
+def _shipped_entry(key):
+    cell, dtype, target = key
+    single = single_program_blocks(cell, dtype, target)
+    if dtype == torch.float64:  # reference runs on small layers: no split tier
+        return single, {}
+    split = {(cell, dtype_name(dtype), proj): split_blocks(cell, dtype, proj, target)
+             for proj in ((False, True) if cell == "lstm" else (False,))}
+    return single, split
+
+
+def shipped_tables():
+    """What autotune/tables.py holds, per target. One process per (cell, dtype, target): each
+    search is a chain of compiles."""
+    keys = [(cell, dtype, target) for target in TARGETS for cell in CELLS for dtype in DTYPES]
+    with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
+        entries = list(pool.map(_shipped_entry, keys))
+    tables = {target: {"single": {}, "split": {}} for target in TARGETS}
+    for (cell, dtype, target), (single, split) in zip(keys, entries):
+        tables[target]["single"][(cell, dtype_name(dtype))] = single
+        tables[target]["split"].update({k: v for k, v in split.items() if v})
+    return tables
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="regenerate autotune/tables.py")
     args = parser.parse_args(argv)
-    single, split = shipped_table()
-    text = (f"SINGLE_PROGRAM = {pprint.pformat(single, width=100)}\n\n"
-            f"SPLIT_PROGRAM = {pprint.pformat(split, width=100)}\n")
+    text = f"TABLES = {pprint.pformat(shipped_tables(), width=110)}\n"
     if args.write:
-        path = os.path.join(os.path.dirname(__file__), "tables.py")
-        with open(path, "w") as f:
+        with open(os.path.join(os.path.dirname(__file__), "tables.py"), "w") as f:
             f.write('"""Generated by `python -m persistrnn.autotune.capacity --write`: do not edit by hand.\n\n'
-                    "SINGLE_PROGRAM[(cell, dtype)] = {block_h: num_warps}: the blocks one program holds on-chip\n"
-                    "on both sm_80 and sm_90 (every block_r <= block_h too for the LSTM), with the warp count\n"
-                    "that compiles without spills.\n"
-                    "SPLIT_PROGRAM[(cell, dtype)] = {block_r: (block_h, num_warps)}: the split tier's block per\n"
-                    'width of the recurrent input, on-chip on both targets. tests/test_aot.py re-checks both."""\n\n'
-                    + text)
+                    "TABLES[target]['single'][(cell, dtype)] = {block_h: num_warps}: the blocks one program holds\n"
+                    "on-chip (every block_r <= block_h too, for the LSTM with proj_size), and the warp count.\n"
+                    "TABLES[target]['split'][(cell, dtype, has_proj)] = {block_r: (block_h, num_warps)}: the split\n"
+                    "tier's block per width of the recurrent input. tests/test_aot.py re-checks them.\n"
+                    '"""\n\n' + text)
     print(text)
     return 0
 

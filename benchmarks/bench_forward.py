@@ -27,7 +27,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cell", nargs="+", default=["lstm", "gru"], choices=["lstm", "gru"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 64])
-    p.add_argument("--hidden", nargs="+", type=int, default=[128, 256, 512])
+    p.add_argument("--hidden", nargs="+", type=int, default=[128, 256, 512, 1024])
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--input-size", type=int, default=0, help="default: the hidden size")
     p.add_argument("--dtype", nargs="+", default=["float16", "bfloat16"], choices=list(DTYPES))

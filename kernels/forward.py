@@ -27,20 +27,50 @@ from .interpreter import interpreted, interpreting
 
 
 @triton.jit
-def _load_w_t(w_ptr, row0, n_cols, offs_k, mask_k, offs_n, mask_n, STATE_DTYPE: tl.constexpr,
-              MMA_DTYPE: tl.constexpr):
-    """Rows row0 .. row0+BLOCK_N of a row-major (rows, n_cols) matrix, transposed to [BLOCK_K, BLOCK_N]."""
-    ptrs = w_ptr + (row0 + offs_n[None, :]) * n_cols + offs_k[:, None]
+def _load_w_chunks(w_ptr, row0, n_cols, offs_n, mask_n, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                   STATE_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr):
+    """Rows row0 + offs_n of a row-major (rows, n_cols) matrix, transposed: the B operand of
+    _recurrent_dot, [BLOCK_R, BLOCK_N], or cut along K into [BLOCK_R // BLOCK_K, BLOCK_K, BLOCK_N]."""
+    if BLOCK_R == BLOCK_K:
+        k = tl.arange(0, BLOCK_R)[:, None]
+        n = offs_n[None, :]
+        mask = (k < n_cols) & mask_n[None, :]
+    else:
+        k = (tl.arange(0, BLOCK_R // BLOCK_K) * BLOCK_K)[:, None, None] + tl.arange(0, BLOCK_K)[None, :, None]
+        n = offs_n[None, None, :]
+        mask = (k < n_cols) & mask_n[None, None, :]
     # Every load is upcast at once (the interpreter's bf16 arithmetic is wrong), then cast to the
     # MMA operand type: lossless, and a no-op pair once compiled.
-    return tl.load(ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(STATE_DTYPE).to(MMA_DTYPE)
+    return tl.load(w_ptr + (row0 + n) * n_cols + k, mask=mask, other=0.0).to(STATE_DTYPE).to(MMA_DTYPE)
 
 
 @triton.jit
-def _gate_preact(x_row_ptr, gate, H, mask, h_mma, w_t, STATE_DTYPE: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
+def _k_chunks(h, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h [BLOCK_B, BLOCK_R] as the A operand of _recurrent_dot: itself, or its K-chunks
+    [BLOCK_R // BLOCK_K, BLOCK_B, BLOCK_K]."""
+    if BLOCK_R == BLOCK_K:
+        return h
+    else:
+        return tl.permute(tl.reshape(h, [BLOCK_B, BLOCK_R // BLOCK_K, BLOCK_K]), (1, 0, 2))
+
+
+@triton.jit
+def _recurrent_dot(h_chunks, w_chunks, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr):
+    """h @ W^T. A wide h is multiplied as a batch of K-chunk products, summed: the warps share K,
+    so no warp holds all of h as an MMA operand (a plain dot with K = 1024 spills). A narrow h
+    (BLOCK_R == BLOCK_K) takes one plain dot, which uses fewer registers there."""
+    if BLOCK_R == BLOCK_K:
+        return tl.dot(h_chunks, w_chunks, input_precision=INPUT_PRECISION)
+    else:
+        return tl.sum(tl.dot(h_chunks, w_chunks, input_precision=INPUT_PRECISION), axis=0)
+
+
+@triton.jit
+def _gate_preact(x_row_ptr, gate, H, mask, h_chunks, w_chunks, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                 STATE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     x = tl.load(x_row_ptr + gate * H, mask=mask, other=0.0).to(STATE_DTYPE)
-    return x + tl.dot(h_mma, w_t, input_precision=INPUT_PRECISION).to(STATE_DTYPE)
+    return x + _recurrent_dot(h_chunks, w_chunks, BLOCK_R, BLOCK_K, INPUT_PRECISION).to(STATE_DTYPE)
 
 
 @triton.jit
@@ -65,7 +95,7 @@ def _rnn_forward_kernel(
     T, B, H, R, MAX_SPIN,
     stride_xt, stride_xb, stride_yt, stride_yb,
     CELL: tl.constexpr, HAS_PROJ: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -88,11 +118,11 @@ def _rnn_forward_kernel(
 
     # Recurrent weights: read from memory once, kept on-chip for all T steps.
     w_hh_dir = w_hh_ptr + direction * (G * H * R)
-    w_0 = _load_w_t(w_hh_dir, 0 * H, R, offs_r, mask_r, offs_h, mask_h, STATE_DTYPE, MMA_DTYPE)
-    w_1 = _load_w_t(w_hh_dir, 1 * H, R, offs_r, mask_r, offs_h, mask_h, STATE_DTYPE, MMA_DTYPE)
-    w_2 = _load_w_t(w_hh_dir, 2 * H, R, offs_r, mask_r, offs_h, mask_h, STATE_DTYPE, MMA_DTYPE)
+    w_0 = _load_w_chunks(w_hh_dir, 0 * H, R, offs_h, mask_h, BLOCK_R, BLOCK_K, STATE_DTYPE, MMA_DTYPE)
+    w_1 = _load_w_chunks(w_hh_dir, 1 * H, R, offs_h, mask_h, BLOCK_R, BLOCK_K, STATE_DTYPE, MMA_DTYPE)
+    w_2 = _load_w_chunks(w_hh_dir, 2 * H, R, offs_h, mask_h, BLOCK_R, BLOCK_K, STATE_DTYPE, MMA_DTYPE)
     if CELL == LSTM:
-        w_3 = _load_w_t(w_hh_dir, 3 * H, R, offs_r, mask_r, offs_h, mask_h, STATE_DTYPE, MMA_DTYPE)
+        w_3 = _load_w_chunks(w_hh_dir, 3 * H, R, offs_h, mask_h, BLOCK_R, BLOCK_K, STATE_DTYPE, MMA_DTYPE)
         if HAS_PROJ:  # my columns of W_hr, transposed: [BLOCK_H, BLOCK_R]
             w_hr_t = tl.load(w_hr_ptr + direction * (R * H) + offs_r[None, :] * H + offs_h[:, None],
                              mask=mask_h[:, None] & mask_r[None, :], other=0.0).to(STATE_DTYPE).to(MMA_DTYPE)
@@ -106,7 +136,8 @@ def _rnn_forward_kernel(
     else:
         h_mine = tl.load(h0_ptr + state_bh, mask=mask_bh, other=0.0).to(STATE_DTYPE)  # my slice of h_{t-1}
         # all of h_{t-1} only as the MMA sees it: an fp32 copy of a wide h would cost the registers
-        h_mma = tl.load(h0_ptr + state_br, mask=mask_br, other=0.0).to(STATE_DTYPE).to(W_DTYPE).to(MMA_DTYPE)
+        h_mma = _k_chunks(tl.load(h0_ptr + state_br, mask=mask_br, other=0.0).to(STATE_DTYPE).to(W_DTYPE)
+                          .to(MMA_DTYPE), BLOCK_B, BLOCK_R, BLOCK_K)
     if CELL == LSTM:
         c = tl.load(c0_ptr + state_bh, mask=mask_bh, other=0.0).to(STATE_DTYPE)
     counter = counter_ptr + direction * tl.num_programs(0) + pid_b
@@ -120,13 +151,13 @@ def _rnn_forward_kernel(
                  + direction * (G * H) + offs_h[None, :])
         m_x = mask_bh & active[:, None]
         if HAS_PROJ:  # round h to the weights' type as the MMA sees it (no-op where MMA_DTYPE == W_DTYPE)
-            h_mma = h_full.to(W_DTYPE).to(MMA_DTYPE)
+            h_mma = _k_chunks(h_full.to(W_DTYPE).to(MMA_DTYPE), BLOCK_B, BLOCK_R, BLOCK_K)
         if CELL == LSTM:
             h_cell, c_new = lstm_cell(
-                _gate_preact(x_row, 0, H, m_x, h_mma, w_0, STATE_DTYPE, INPUT_PRECISION),
-                _gate_preact(x_row, 1, H, m_x, h_mma, w_1, STATE_DTYPE, INPUT_PRECISION),
-                _gate_preact(x_row, 2, H, m_x, h_mma, w_2, STATE_DTYPE, INPUT_PRECISION),
-                _gate_preact(x_row, 3, H, m_x, h_mma, w_3, STATE_DTYPE, INPUT_PRECISION), c)
+                _gate_preact(x_row, 0, H, m_x, h_mma, w_0, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION),
+                _gate_preact(x_row, 1, H, m_x, h_mma, w_1, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION),
+                _gate_preact(x_row, 2, H, m_x, h_mma, w_2, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION),
+                _gate_preact(x_row, 3, H, m_x, h_mma, w_3, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION), c)
             c = tl.where(active[:, None], c_new, c)
             if HAS_PROJ:  # my hidden units' share of h_t = (o * tanh(c)) @ W_hr^T
                 h_new = tl.dot(h_cell.to(W_DTYPE).to(MMA_DTYPE), w_hr_t,
@@ -135,10 +166,10 @@ def _rnn_forward_kernel(
                 h_new = h_cell
         else:
             x_n = tl.load(x_row + 2 * H, mask=m_x, other=0.0).to(STATE_DTYPE)
-            hh_n = tl.dot(h_mma, w_2, input_precision=INPUT_PRECISION).to(STATE_DTYPE) + b_hn
+            hh_n = _recurrent_dot(h_mma, w_2, BLOCK_R, BLOCK_K, INPUT_PRECISION).to(STATE_DTYPE) + b_hn
             h_new = gru_cell(
-                _gate_preact(x_row, 0, H, m_x, h_mma, w_0, STATE_DTYPE, INPUT_PRECISION),
-                _gate_preact(x_row, 1, H, m_x, h_mma, w_1, STATE_DTYPE, INPUT_PRECISION),
+                _gate_preact(x_row, 0, H, m_x, h_mma, w_0, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION),
+                _gate_preact(x_row, 1, H, m_x, h_mma, w_1, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION),
                 x_n, hh_n, h_mine)
 
         xbuf = xbuf_ptr + ((step % 2) * tl.num_programs(2) + direction) * (SLOTS * B * R) + offs_b[:, None] * R
@@ -157,10 +188,10 @@ def _rnn_forward_kernel(
             if SPLIT > 1:  # publish my slice, read everyone's (xbuf holds the weights' dtype here)
                 tl.store(xbuf + offs_h[None, :], h_mine.to(xbuf_ptr.dtype.element_ty), mask=mask_bh)
                 alive = _barrier(counter, SPLIT * (step + 1), alive, MAX_SPIN)
-                h_mma = tl.load(xbuf + offs_r[None, :], mask=mask_br, other=0.0,
-                                cache_modifier=".cg").to(STATE_DTYPE).to(MMA_DTYPE)
+                h_mma = _k_chunks(tl.load(xbuf + offs_r[None, :], mask=mask_br, other=0.0, cache_modifier=".cg")
+                                  .to(STATE_DTYPE).to(MMA_DTYPE), BLOCK_B, BLOCK_R, BLOCK_K)
             else:
-                h_mma = h_mine.to(W_DTYPE).to(MMA_DTYPE)
+                h_mma = _k_chunks(h_mine.to(W_DTYPE).to(MMA_DTYPE), BLOCK_B, BLOCK_R, BLOCK_K)
             out_cols, out_mask, out_val = offs_h, mask_bh, h_new
         # every (step, row) writes one y row: h_t at t while active, zero at `step` past the length
         y_t = tl.where(active, t, step)
@@ -176,6 +207,9 @@ def _rnn_forward_kernel(
     tl.store(error_ptr, 1, mask=alive == 0)
 
 
+# K-chunk width of the recurrent dot (see _recurrent_dot)
+K_CHUNK = 128
+
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
 
@@ -188,7 +222,7 @@ def kernel_constexprs(cell, dtype, has_proj, split, block_b, block_h, block_r, *
     state_dtype = tl.float64 if dtype == torch.float64 else tl.float32
     precision = "tf32" if (dtype == torch.float32 and allow_tf32 and not interpret) else "ieee"
     return dict(CELL=LSTM if cell == "lstm" else GRU, HAS_PROJ=has_proj, SPLIT=split, BLOCK_B=block_b,
-                BLOCK_H=block_h, BLOCK_R=block_r, W_DTYPE=w_dtype, MMA_DTYPE=mma_dtype,
+                BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_K=min(block_r, K_CHUNK), W_DTYPE=w_dtype, MMA_DTYPE=mma_dtype,
                 STATE_DTYPE=state_dtype, INPUT_PRECISION=precision)
 
 

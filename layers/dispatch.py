@@ -11,7 +11,7 @@ import logging
 import torch
 import triton
 
-from ..autotune.tables import SINGLE_PROGRAM, SPLIT_PROGRAM
+from ..autotune.tables import TABLES
 from .backend import current_backend
 
 log = logging.getLogger("persistrnn")
@@ -71,10 +71,19 @@ def pin_config(block_h=None, block_b=None, num_warps=None, num_stages=None):
         _pinned.reset(token)
 
 
-def single_program_config(cell, dtype, hidden_size, proj_size):
+def target_of(device):
+    """The shipped table for a device: sm_90 for Hopper and later, sm_80 for Ampere (and Ada);
+    None for older GPUs. Where no GPU is involved (the interpreter), sm_90's."""
+    if device.type != "cuda":
+        return "sm_90"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm_90" if major >= 9 else ("sm_80" if major == 8 else None)
+
+
+def single_program_config(cell, dtype, hidden_size, proj_size, target="sm_90"):
     """The single-program config for these sizes, or None if its weights do not fit on-chip.
     The blocks and warp counts come from the ahead-of-time compile (autotune/tables.py)."""
-    held = SINGLE_PROGRAM[(cell, _name(dtype))]
+    held = TABLES[target]["single"][(cell, _name(dtype))]
     block_h = block_for(hidden_size)
     if block_h not in held:
         return None
@@ -82,9 +91,10 @@ def single_program_config(cell, dtype, hidden_size, proj_size):
                         num_warps=held[block_h])
 
 
-def split_program_config(cell, dtype, hidden_size, proj_size):
+def split_program_config(cell, dtype, hidden_size, proj_size, target="sm_90"):
     """The split tier's config for these sizes, or None if no block holds its slice on-chip."""
-    found = SPLIT_PROGRAM.get((cell, _name(dtype)), {}).get(block_for(proj_size or hidden_size))
+    held = TABLES[target]["split"].get((cell, _name(dtype), proj_size > 0), {})
+    found = held.get(block_for(proj_size or hidden_size))
     if found is None or found[0] >= hidden_size:
         return None
     block_h, num_warps = found
@@ -92,18 +102,18 @@ def split_program_config(cell, dtype, hidden_size, proj_size):
                         num_warps=num_warps)
 
 
-def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms):
-    """(config, None), or (None, why no kernel config holds these sizes). A pinned config
-    (pin_config) overrides the tables field by field, and raises if it cannot run."""
+def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target="sm_90"):
+    """(config, None), or (None, why no kernel config holds these sizes on `target`). A pinned
+    config (pin_config) overrides the tables field by field, and raises if it cannot run."""
     pinned = _pinned.get() or {}
-    config = single_program_config(cell, dtype, hidden_size, proj_size)
+    config = single_program_config(cell, dtype, hidden_size, proj_size, target)
     if config is None or pinned.get("block_h", config.block_h) < hidden_size:
-        config = split_program_config(cell, dtype, hidden_size, proj_size) or config
+        config = split_program_config(cell, dtype, hidden_size, proj_size, target) or config
     if config is None and "block_h" not in pinned:
-        single = max(SINGLE_PROGRAM[(cell, _name(dtype))])
-        return None, (f"hidden_size={hidden_size} does not fit on-chip for {cell} {dtype}: one program holds "
-                      f"at most {single}, and no split block holds a recurrent input of "
-                      f"{proj_size or hidden_size}")
+        single = max(TABLES[target]["single"][(cell, _name(dtype))], default=0)
+        return None, (f"hidden_size={hidden_size}{f', proj_size={proj_size}' if proj_size else ''} does not fit "
+                      f"on-chip for {cell} {dtype} on {target}: one program holds at most {single}, and no "
+                      f"split block holds a recurrent input of {proj_size or hidden_size}")
     fields = dataclasses.asdict(config) if config else dict(block_b=MIN_BLOCK, num_warps=4, num_stages=1)
     fields.update(pinned)
     block_r = block_for(proj_size or hidden_size)
@@ -140,8 +150,11 @@ def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_d
         return Dispatch("torch", f"no kernel for dtype {dtype}")
     if dtype != weight_dtype:  # only reachable under autocast, which torch handles
         return Dispatch("torch", f"input dtype {dtype} differs from weight dtype {weight_dtype} (autocast)")
+    target = target_of(device)
+    if target is None:
+        return Dispatch("torch", f"no kernel tables for compute capability {torch.cuda.get_device_capability(device)}")
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
-    config, why = kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms)
+    config, why = kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target)
     if config is None:
         return Dispatch("torch", why)
     return Dispatch(name, "kernel", config)

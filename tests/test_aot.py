@@ -1,45 +1,91 @@
-"""Ahead-of-time compile (no GPU needed): every config the planner can pick is on-chip on sm_80 and
-sm_90, the shipped table is maximal, and the check itself detects spills."""
+"""Ahead-of-time compile (no GPU needed): every config the planner can pick is on-chip on its
+target (sm_80, sm_90), the shipped tables are maximal, and the check itself detects spills."""
 import pytest
 import torch
 
-from persistrnn.autotune.aot import TARGETS, forward_resources
-from persistrnn.autotune.capacity import BLOCK_B, BLOCKS, _variants, block_warps, capacity_table
-from persistrnn.autotune.tables import SINGLE_PROGRAM
-from persistrnn.layers.dispatch import single_program_config
+from persistrnn.autotune.aot import TARGETS, forward_resources, prefetch
+from persistrnn.autotune.capacity import (BLOCK_B, BLOCKS, SPLIT_BLOCK_R, _split_variant, _variants, block_warps,
+                                          capacity_table, single_keys, split_block, split_keys)
+from persistrnn.autotune.tables import TABLES
+from persistrnn.layers.dispatch import kernel_config, single_program_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "float64": torch.float64}
+SINGLE = [(t, cell, dtype) for t in TABLES for (cell, dtype) in sorted(TABLES[t]["single"])]
+SPLIT = [(t, *key) for t in TABLES for key in sorted(TABLES[t]["split"])]
 
 
-@pytest.mark.parametrize("cell,dtype", sorted(SINGLE_PROGRAM))
-def test_every_shipped_config_is_on_chip_and_the_next_block_is_not(cell, dtype):
-    held = SINGLE_PROGRAM[(cell, dtype)]
+def test_tables_cover_both_targets():
+    assert set(TABLES) == set(TARGETS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_everything_first():
+    """Compile, on all cores, every config the tests below look at: the shipped ones and the
+    candidates of the next size up (a compile takes seconds; the tests then read the cache)."""
+    keys = []
+    for target, cell, dtype in SINGLE:
+        held = TABLES[target]["single"][(cell, dtype)]
+        for block_h, num_warps in held.items():
+            keys += single_keys(cell, DTYPES[dtype], block_h, target, warps=(num_warps,))
+        keys += single_keys(cell, DTYPES[dtype], BLOCKS[len(held)], target)
+    for target, cell, dtype, proj in SPLIT:
+        held = TABLES[target]["split"][(cell, dtype, proj)]
+        for block_r, (block_h, num_warps) in held.items():
+            keys += split_keys(cell, DTYPES[dtype], proj, block_r, target, block_hs=(block_h,), warps=(num_warps,))
+        if len(held) < len(SPLIT_BLOCK_R):
+            keys += split_keys(cell, DTYPES[dtype], proj, SPLIT_BLOCK_R[len(held)], target)
+    prefetch(keys)
+
+
+@pytest.mark.parametrize("target,cell,dtype", SINGLE)
+def test_every_single_program_config_is_on_chip_and_the_next_block_is_not(target, cell, dtype):
+    held = TABLES[target]["single"][(cell, dtype)]
     assert sorted(held) == list(BLOCKS[:len(held)]), "blocks must be contiguous from the smallest"
     for block_h, num_warps in held.items():
         for block_r, has_proj in _variants(cell, block_h):
-            for target in TARGETS:
-                res = forward_resources(cell, DTYPES[dtype], has_proj, BLOCK_B, block_h, block_r, num_warps, 1,
-                                        target)
-                assert res.on_chip, (cell, dtype, block_h, block_r, has_proj, num_warps, target, res)
-                assert res.stack == 0 and res.local == 0 and res.shared <= TARGETS[target]["smem"]
-    next_block = BLOCKS[len(held)]
-    assert block_warps(cell, DTYPES[dtype], next_block, tuple(TARGETS)) is None
+            res = forward_resources(cell, DTYPES[dtype], has_proj, BLOCK_B, block_h, block_r, num_warps, 1, target)
+            assert res.on_chip, (target, cell, dtype, block_h, block_r, has_proj, num_warps, res)
+            assert res.stack == 0 and res.local == 0 and res.shared <= TARGETS[target]["smem"]
+    assert block_warps(cell, DTYPES[dtype], BLOCKS[len(held)], target) is None
+
+
+@pytest.mark.parametrize("target,cell,dtype,proj", SPLIT)
+def test_every_split_config_is_on_chip_and_the_next_width_is_not(target, cell, dtype, proj):
+    held = TABLES[target]["split"][(cell, dtype, proj)]
+    assert sorted(held) == list(SPLIT_BLOCK_R[:len(held)]), "widths must be contiguous from the smallest"
+    for block_r, (block_h, num_warps) in held.items():
+        split, _ = _split_variant(block_r, block_h, proj)
+        res = forward_resources(cell, DTYPES[dtype], proj, BLOCK_B, block_h, block_r, num_warps, 1, target,
+                                split=split)
+        assert res.on_chip, (target, cell, dtype, proj, block_r, block_h, num_warps, res)
+    if len(held) < len(SPLIT_BLOCK_R):
+        assert split_block(cell, DTYPES[dtype], proj, SPLIT_BLOCK_R[len(held)], target) is None
 
 
 def test_planner_picks_only_shipped_configs():
-    for (cell, dtype), held in SINGLE_PROGRAM.items():
-        for hidden in range(1, 2 * max(held) + 1):
-            for proj in ([0] if cell == "gru" else [0, 1, hidden // 2, hidden - 1]):
-                if proj >= hidden:
+    for target in TABLES:
+        for (cell, dtype), held in TABLES[target]["single"].items():
+            for hidden in range(1, 2 * max(held) + 1):
+                for proj in ([0] if cell == "gru" else [0, 1, hidden // 2, hidden - 1]):
+                    if proj >= hidden:
+                        continue
+                    config = single_program_config(cell, DTYPES[dtype], hidden, proj, target)
+                    if config is None:
+                        assert hidden > max(held)
+                        continue
+                    assert config.num_warps == held[config.block_h]
+                    assert config.block_h >= hidden and config.block_r >= (proj or hidden)
+                    assert config.block_r <= config.block_h and config.block_b == BLOCK_B
+        for (cell, dtype, proj), held in TABLES[target]["split"].items():
+            for block_r, (block_h, num_warps) in held.items():
+                hidden, proj_size = (4 * block_r, block_r) if proj else (block_r, 0)
+                config, why = kernel_config(cell, DTYPES[dtype], hidden, proj_size, batch=16, num_directions=1,
+                                            sms=TARGETS[target]["sms"], target=target)
+                if single_program_config(cell, DTYPES[dtype], hidden, proj_size, target) is not None:
                     continue
-                config = single_program_config(cell, DTYPES[dtype], hidden, proj)
-                if config is None:
-                    assert hidden > max(held)
-                    continue
-                assert config.num_warps == held[config.block_h]
-                assert config.block_h >= hidden and config.block_r >= (proj or hidden)
-                assert config.block_r <= config.block_h and config.block_b == BLOCK_B
+                assert why is None, why
+                assert (config.block_h, config.block_r, config.num_warps) == (block_h, block_r, num_warps)
 
 
 def test_the_check_sees_spills():
@@ -48,11 +94,14 @@ def test_the_check_sees_spills():
     assert res.stack > 0 and not res.on_chip
 
 
-def test_capacity_json_rows():
-    rows = capacity_table("sm_90")
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_capacity_rows(target):
+    rows = capacity_table(target)
     assert {(r["cell"], r["dtype"]) for r in rows} == {(c, d) for c in ("lstm", "gru")
                                                         for d in ("float16", "bfloat16", "float32")}
     for r in rows:
-        assert r["pass"] == "forward" and r["target"] == "sm_90"
-        assert r["max_hidden"] >= max(SINGLE_PROGRAM[(r["cell"], r["dtype"])])
-        assert r["config"]["spill_bytes"] == 0 and r["config"]["shared_bytes"] <= TARGETS["sm_90"]["smem"]
+        assert r["pass"] == "forward" and r["target"] == target
+        assert r["max_hidden"] >= max(TABLES[target]["single"][(r["cell"], r["dtype"])])
+        assert r["config"]["spill_bytes"] == 0 and r["config"]["shared_bytes"] <= TARGETS[target]["smem"]
+        assert r["config"]["split"] * r["config"]["block_h"] >= r["max_hidden"]
+        assert r["config"]["split"] <= TARGETS[target]["sms"]

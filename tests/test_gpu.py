@@ -54,3 +54,39 @@ def test_packed_matches_cudnn(cell):
     assert ours.last_dispatch.path == "triton"
     for g, w in zip(got, want):
         assert relative_error(g, w) <= tolerance(torch.float16, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell,hidden,kwargs", [("lstm", 512, {}), ("lstm", 1024, {}), ("gru", 512, {}),
+                                                ("gru", 1024, dict(bidirectional=True)),
+                                                ("lstm", 1024, dict(proj_size=256))])
+def test_split_tier_matches_cudnn(cell, hidden, kwargs, dtype):
+    ours, ref = _pair(cell, hidden, dtype, kwargs)
+    x = torch.randn(64, 16, 64, device="cuda", dtype=dtype)
+    with torch.no_grad(), persistrnn.backend("triton"):
+        got, want = _outputs(ours(x)), _outputs(ref(x))
+    config = ours.last_dispatch.config
+    assert ours.last_dispatch.path == "triton" and config.block_h < hidden, ours.last_dispatch
+    for g, w in zip(got, want):
+        assert relative_error(g, w) <= tolerance(dtype, "cuda")
+
+
+def test_impossible_config_raises_instead_of_hanging():
+    ours, _ = _pair("lstm", 512, torch.float16, {})
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.randn(8, 16 * (sms // 32 + 1), 64, device="cuda", dtype=torch.float16)
+    with torch.no_grad(), persistrnn.backend("triton"), persistrnn.pin_config(block_h=16):
+        with pytest.raises(ValueError, match="at once"):
+            ours(x)
+
+
+def test_barrier_timeout_raises_on_the_gpu(monkeypatch):
+    """With no polls allowed, 32 programs cannot all meet at every one of 256 steps: the kernel
+    must flag it and the host raise."""
+    import persistrnn.kernels.forward as forward
+    monkeypatch.setitem(forward.MAX_SPIN, "compiled", 0)
+    ours, _ = _pair("gru", 512, torch.float16, {})
+    x = torch.randn(256, 16, 64, device="cuda", dtype=torch.float16)
+    with torch.no_grad(), persistrnn.backend("triton"), persistrnn.pin_config(block_h=16):
+        with pytest.raises(forward.BarrierTimeout):
+            ours(x)

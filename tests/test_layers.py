@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 
 import persistrnn
-from persistrnn.layers.dispatch import single_program_config
+from persistrnn.layers.dispatch import DEFAULT_SMS, kernel_config
 
 from conftest import DTYPES, assert_close_to_ref, make_pair
 
@@ -145,5 +145,6 @@ def test_random_configurations(cell, dtype, hidden, input_size, T, B, num_layers
     x, hx = make_input(kind, ours, T=T, B=B, dtype=dtype)
     with persistrnn.backend("interpret"):
         assert_close_to_ref(ours, ref, x, hx, dtype)
-    fits = single_program_config(cell, dtype, hidden, proj_size) is not None
-    assert ours.last_dispatch.path == ("interpret" if fits else "torch"), ours.last_dispatch
+    batch = 1 if kind == "unbatched" else B
+    config, _ = kernel_config(cell, dtype, hidden, proj_size, batch, 2 if bidirectional else 1, DEFAULT_SMS)
+    assert ours.last_dispatch.path == ("interpret" if config else "torch"), ours.last_dispatch
