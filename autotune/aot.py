@@ -1,6 +1,7 @@
 """Ahead-of-time compile of a kernel config for a GPU target, with no GPU: is it on-chip?
 
-`triton.compile` lowers to a cubin for sm_80 / sm_90; the cuobjdump bundled with triton reports
+`triton.compile` lowers to a cubin for sm_80 / sm_90 (specialized as a launch would be, through
+triton 3.6's own argument binding); the cuobjdump bundled with triton reports
 its registers (REG), stack (STACK: spills) and local memory, and triton's metadata its shared
 memory. A config is on-chip when it spills nothing and its shared memory fits the target.
 """
@@ -14,16 +15,16 @@ import tempfile
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
-from ..kernels.forward import _rnn_forward_kernel, kernel_constexprs
+from ..kernels.forward import MAX_SPIN, _rnn_forward_kernel, kernel_constexprs
 
 # per target: compute capability, SM count, shared memory per block (bytes), registers per SM
 TARGETS = {
     "sm_80": dict(capability=80, sms=108, smem=163 * 1024, regs_per_sm=65536),  # A100
     "sm_90": dict(capability=90, sms=132, smem=227 * 1024, regs_per_sm=65536),  # H100
 }
-_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,23 +79,46 @@ def _compile_forward_key(key):
 
 
 def _compile_forward(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages, target, split):
+    """Compile as a launch would, specializing on representative arguments (sizes and strides
+    divisible by 16, aligned pointers); fp32 both with TF32 and IEEE dots, keeping the worse."""
     spec = TARGETS[target]
-    ptr = _PTR[dtype]
-    signature = {name: ptr for name in ("xproj_ptr", "w_hh_ptr", "b_hn_ptr", "w_hr_ptr", "h0_ptr",
-                                         "c0_ptr", "y_ptr", "hn_ptr", "cn_ptr")}
-    signature["xbuf_ptr"] = ("*fp64" if dtype == torch.float64 else "*fp32") if has_proj else ptr
-    for name in ("lengths_ptr", "counter_ptr", "error_ptr"):
-        signature[name] = "*i32"
-    for name in ("T", "B", "H", "R", "MAX_SPIN", "stride_xt", "stride_xb", "stride_yt", "stride_yb"):
-        signature[name] = "i32"
+    worst = None
+    for allow_tf32 in ((True, False) if dtype == torch.float32 else (False,)):
+        compiled = _compile_like_a_launch(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages,
+                                          spec["capability"], split, allow_tf32)
+        usage = resource_usage(compiled.asm["cubin"])
+        res = Resources(regs=usage.get("REG", 0), stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0),
+                        shared=compiled.metadata.shared, smem_limit=spec["smem"])
+        worst = res if worst is None else Resources(*(max(a, b) for a, b in zip(
+            dataclasses.astuple(worst), dataclasses.astuple(res))))
+    return worst
+
+
+def _compile_like_a_launch(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages, capability,
+                           split, allow_tf32):
+    # Sizes this config is picked for: H = SPLIT * BLOCK_H units, R = BLOCK_R (with proj_size < H).
+    G = 4 if cell == "lstm" else 3
+    H = max(block_h * split, 16)
+    R = block_r if not has_proj or block_r < H else max(H - 16, 8)
+    T, B, D = 16, block_b, 1
+    make = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt)  # noqa: E731
+    xproj, y = make(T, B, D * G * H), make(T, B, D * R)
+    w_hh, h0, c0 = make(D, G * H, R), make(D, B, R), make(D, B, H)
+    w_hr = make(D, R, H) if has_proj else w_hh
+    xbuf_dtype = (torch.float64 if dtype == torch.float64 else torch.float32) if has_proj else dtype
+    xbuf = make(2, D, split if has_proj else 1, B, R, dt=xbuf_dtype) if split > 1 else make(1, dt=xbuf_dtype)
+    ints = make(max(B, 2), dt=torch.int32)
+    args = (xproj, w_hh, make(D, H), w_hr, h0, c0, ints, y, h0, c0, xbuf, ints, ints,
+            T, B, H, R, MAX_SPIN["compiled"], xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1))
     constexprs = kernel_constexprs(cell, dtype, has_proj, split, block_b, block_h, block_r,
-                                   interpret=False, allow_tf32=False)
-    signature.update({name: "constexpr" for name in constexprs})
-    # ASTSource wants the signature in the kernel's argument order
-    signature = {name: signature[name] for name in _rnn_forward_kernel.arg_names}
-    src = ASTSource(_rnn_forward_kernel, signature, constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", spec["capability"], 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-    usage = resource_usage(compiled.asm["cubin"])
-    return Resources(regs=usage.get("REG", 0), stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0),
-                     shared=compiled.metadata.shared, smem_limit=spec["smem"])
+                                   interpret=False, allow_tf32=allow_tf32)
+    kernel = _rnn_forward_kernel
+    # triton 3.6's own argument binding and specialization, as JITFunction.run does it
+    backend = make_backend(GPUTarget("cuda", capability, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(constexprs, num_warps=num_warps, num_stages=num_stages, launch_cooperative_grid=split > 1,
+                  debug=False)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
+                          options=options.__dict__)

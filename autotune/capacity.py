@@ -89,8 +89,8 @@ def single_program_blocks(cell, dtype, target):
 # --- split tier ----------------------------------------------------------------------------
 
 def _split_variant(block_r, block_h, has_proj):
-    # the code differs only between SPLIT == 1 and SPLIT > 1 (and in SLOTS with proj_size)
-    return (2 if has_proj else block_r // block_h), has_proj
+    # the layer this width is picked for: H = BLOCK_R without proj_size, H = 4 * proj_size with it
+    return (4 * block_r // block_h if has_proj else block_r // block_h), has_proj
 
 
 def split_keys(cell, dtype, has_proj, block_r, target, block_hs=SPLIT_BLOCK_H, warps=NUM_WARPS):

@@ -195,7 +195,8 @@ def _rnn_forward_kernel(
             out_cols, out_mask, out_val = offs_h, mask_bh, h_new
         # every (step, row) writes one y row: h_t at t while active, zero at `step` past the length
         y_t = tl.where(active, t, step)
-        y_ptrs = y_ptr + y_t[:, None] * stride_yt + offs_b[:, None] * stride_yb + direction * R + out_cols[None, :]
+        y_ptrs = (y_ptr + y_t[:, None] * stride_yt + offs_b[:, None].to(tl.int64) * stride_yb + direction * R
+                  + out_cols[None, :])
         tl.store(y_ptrs, tl.where(active[:, None], out_val, 0.0).to(y_ptr.dtype.element_ty), mask=out_mask)
 
     if HAS_PROJ:
@@ -267,8 +268,9 @@ def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *,
             # programs that meet at a barrier must run at the same time
             interpreted(_rnn_forward_kernel, concurrent=split > 1)[grid](*args, **constexprs)
     else:
-        _rnn_forward_kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages,
-                                  launch_cooperative_grid=split > 1)
+        with torch.cuda.device(xproj.device):  # triton launches on the current device
+            _rnn_forward_kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages,
+                                      launch_cooperative_grid=split > 1)
     if split > 1 and error.item():
         raise BarrierTimeout(
             f"persistrnn: a barrier of the split forward kernel timed out after {max_spin} polls "

@@ -11,6 +11,7 @@ import logging
 import torch
 import triton
 
+from ..autotune.aot import TARGETS
 from ..autotune.tables import TABLES
 from .backend import current_backend
 
@@ -72,12 +73,15 @@ def pin_config(block_h=None, block_b=None, num_warps=None, num_stages=None):
 
 
 def target_of(device):
-    """The shipped table for a device: sm_90 for Hopper and later, sm_80 for Ampere (and Ada);
-    None for older GPUs. Where no GPU is involved (the interpreter), sm_90's."""
+    """The shipped table for a device: sm_90's for Hopper and later, sm_80's for Ampere and Ada, if
+    the device gives a block at least the shared memory that table assumes (an RTX 4090 or L4
+    gives 99 KB, not A100's 163 KB); None otherwise. Without a GPU (the interpreter), sm_90's."""
     if device.type != "cuda":
         return "sm_90"
     major, _ = torch.cuda.get_device_capability(device)
-    return "sm_90" if major >= 9 else ("sm_80" if major == 8 else None)
+    target = "sm_90" if major >= 9 else ("sm_80" if major == 8 else None)
+    smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return target if target and smem >= TARGETS[target]["smem"] else None
 
 
 def single_program_config(cell, dtype, hidden_size, proj_size, target="sm_90"):
@@ -152,7 +156,9 @@ def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_d
         return Dispatch("torch", f"input dtype {dtype} differs from weight dtype {weight_dtype} (autocast)")
     target = target_of(device)
     if target is None:
-        return Dispatch("torch", f"no kernel tables for compute capability {torch.cuda.get_device_capability(device)}")
+        props = torch.cuda.get_device_properties(device)
+        return Dispatch("torch", f"no kernel tables for {props.name} (compute capability {props.major}.{props.minor}, "
+                                 f"{props.shared_memory_per_block_optin // 1024} KB shared memory per block)")
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
     config, why = kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target)
     if config is None:

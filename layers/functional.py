@@ -13,6 +13,20 @@ from ..kernels.forward import rnn_forward
 GATES = {"lstm": 4, "gru": 3}
 
 
+def cudnn_rnn_allows_tf32():
+    """Whether torch lets cuDNN's RNNs use TF32 for fp32: torch.backends.cudnn.rnn.fp32_precision
+    where torch has it and it is set, else torch.backends.cudnn.allow_tf32 (reading the latter
+    raises once the former API has been used)."""
+    for flags in (getattr(torch.backends.cudnn, "rnn", None), torch.backends.cudnn):  # "none": ask the parent
+        precision = getattr(flags, "fp32_precision", "none")
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def _layer_weights(cell, flat_weights, layer, num_directions, has_bias, has_proj, hidden_size):
     """Stack one layer's per-direction weights into the kernel's layout."""
     per_dir = 2 + 2 * has_bias + has_proj
@@ -76,7 +90,7 @@ def rnn(cell, input, batch_sizes, hx, flat_weights, *, has_bias, num_layers, dro
                         y_tb, hn, cn, block_b=config.block_b, block_h=config.block_h,
                         block_r=config.block_r, num_warps=config.num_warps,
                         num_stages=config.num_stages, interpret=interpret,
-                        allow_tf32=torch.backends.cudnn.allow_tf32)
+                        allow_tf32=cudnn_rnn_allows_tf32())
         h_n.append(hn)
         c_n.append(cn)
         layer_input = y

@@ -99,3 +99,40 @@ def test_backend_context_restores_on_exit():
                 raise RuntimeError
         assert persistrnn.current_backend() == "interpret"
     assert persistrnn.current_backend() == "auto"
+
+
+def test_fp32_precision_api_of_torch_is_honoured(interpret):
+    """torch's newer TF32 switch (cudnn.rnn.fp32_precision) makes reading the legacy
+    cudnn.allow_tf32 raise: the layers must keep working and follow the new switch."""
+    rnn_flags = torch.backends.cudnn.rnn
+    saved = rnn_flags.fp32_precision
+    try:
+        rnn_flags.fp32_precision = "ieee"
+        assert not functional.cudnn_rnn_allows_tf32()
+        ours, ref = make_pair("gru", 4, 8, torch.float32)
+        x = torch.randn(3, 2, 4)
+        with torch.no_grad():
+            assert rel_err(ours(x)[0], ref(x.double())[0]) < 1e-5
+        rnn_flags.fp32_precision = "tf32"
+        assert functional.cudnn_rnn_allows_tf32()
+    finally:
+        rnn_flags.fp32_precision = saved
+
+
+def test_gpus_with_less_shared_memory_than_the_tables_run_torch(monkeypatch):
+    """An RTX 4090 / L4 (sm_89, 99 KB per block) must not get A100 configs: torch, visibly."""
+    from types import SimpleNamespace
+
+    from persistrnn.layers import dispatch
+    props = SimpleNamespace(name="NVIDIA L4", major=8, minor=9, shared_memory_per_block_optin=101376,
+                            multi_processor_count=58)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    cuda = torch.device("cuda")
+    assert dispatch.target_of(cuda) is None
+    with persistrnn.backend("triton"):
+        d = dispatch.plan("gru", cuda, torch.float16, torch.float16, 64, 0, 8, 1, grad_needed=False)
+    assert d.path == "torch" and "NVIDIA L4" in d.reason and "99 KB" in d.reason
+    props.shared_memory_per_block_optin = 227 * 1024
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert dispatch.target_of(cuda) == "sm_90"
