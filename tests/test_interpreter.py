@@ -102,3 +102,14 @@ def test_concurrent_wait_is_bounded():
     with pytest.raises(TimeoutError, match="did not finish"):
         with interpreting():
             interpreted(_meet, concurrent=True, timeout=0.05)[(2,)](counter, out, 20000)
+
+
+def test_tanh_keeps_relative_accuracy_near_zero_in_fp32():
+    """2*sigmoid(2x)-1 alone cancels near 0 (1e-5 relative at x ~ 3e-3 in fp32): a hypothesis
+    example with H=1 caught it. Every element must be within a few fp32 ulp, relative."""
+    x = torch.cat([torch.logspace(-8, 1, 60), -torch.logspace(-8, 1, 4)]).float()
+    y = torch.full_like(x, float("nan"))
+    with interpreting():
+        interpreted(_tanh_kernel)[(1,)](x, y, N=64)
+    want = torch.tanh(x.double())
+    assert ((y.double() - want).abs() / want.abs()).max() < 1e-6
