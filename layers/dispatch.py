@@ -12,6 +12,7 @@ import torch
 import triton
 
 from ..autotune.aot import TARGETS
+from ..autotune.capacity import dtype_name
 from ..autotune.tables import TABLES
 from .backend import current_backend
 
@@ -40,10 +41,6 @@ class Dispatch:
 
 def block_for(n):
     return max(MIN_BLOCK, triton.next_power_of_2(n))
-
-
-def _name(dtype):
-    return str(dtype).replace("torch.", "")
 
 
 _pinned = contextvars.ContextVar("persistrnn_pinned_config", default=None)
@@ -87,7 +84,7 @@ def target_of(device):
 def single_program_config(cell, dtype, hidden_size, proj_size, target="sm_90"):
     """The single-program config for these sizes, or None if its weights do not fit on-chip.
     The blocks and warp counts come from the ahead-of-time compile (autotune/tables.py)."""
-    held = TABLES[target]["single"][(cell, _name(dtype))]
+    held = TABLES[target]["single"][(cell, dtype_name(dtype))]
     block_h = block_for(hidden_size)
     if block_h not in held:
         return None
@@ -97,7 +94,7 @@ def single_program_config(cell, dtype, hidden_size, proj_size, target="sm_90"):
 
 def split_program_config(cell, dtype, hidden_size, proj_size, target="sm_90"):
     """The split tier's config for these sizes, or None if no block holds its slice on-chip."""
-    held = TABLES[target]["split"].get((cell, _name(dtype), proj_size > 0), {})
+    held = TABLES[target]["split"].get((cell, dtype_name(dtype), proj_size > 0), {})
     found = held.get(block_for(proj_size or hidden_size))
     if found is None or found[0] >= hidden_size:
         return None
@@ -114,7 +111,7 @@ def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sm
     if config is None or pinned.get("block_h", config.block_h) < hidden_size:
         config = split_program_config(cell, dtype, hidden_size, proj_size, target) or config
     if config is None and "block_h" not in pinned:
-        single = max(TABLES[target]["single"][(cell, _name(dtype))], default=0)
+        single = max(TABLES[target]["single"][(cell, dtype_name(dtype))], default=0)
         return None, (f"hidden_size={hidden_size}{f', proj_size={proj_size}' if proj_size else ''} does not fit "
                       f"on-chip for {cell} {dtype} on {target}: one program holds at most {single}, and no "
                       f"split block holds a recurrent input of {proj_size or hidden_size}")
