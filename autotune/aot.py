@@ -20,10 +20,10 @@ from triton.runtime.jit import create_function_from_signature
 
 from ..kernels.forward import MAX_SPIN, _rnn_forward_kernel, kernel_constexprs
 
-# per target: compute capability, SM count, shared memory per block (bytes), registers per SM
+# per target: compute capability, SM count, shared memory per block (bytes)
 TARGETS = {
-    "sm_80": dict(capability=80, sms=108, smem=163 * 1024, regs_per_sm=65536),  # A100
-    "sm_90": dict(capability=90, sms=132, smem=227 * 1024, regs_per_sm=65536),  # H100
+    "sm_80": dict(capability=80, sms=108, smem=163 * 1024),  # A100
+    "sm_90": dict(capability=90, sms=132, smem=227 * 1024),  # H100
 }
 
 

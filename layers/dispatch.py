@@ -12,7 +12,7 @@ import torch
 import triton
 
 from ..autotune.aot import TARGETS
-from ..autotune.capacity import dtype_name
+from ..autotune.capacity import BLOCK_B, dtype_name
 from ..autotune.tables import TABLES
 from .backend import current_backend
 
@@ -88,7 +88,7 @@ def single_program_config(cell, dtype, hidden_size, proj_size, target="sm_90"):
     block_h = block_for(hidden_size)
     if block_h not in held:
         return None
-    return KernelConfig(block_b=MIN_BLOCK, block_h=block_h, block_r=block_for(proj_size or hidden_size),
+    return KernelConfig(block_b=BLOCK_B, block_h=block_h, block_r=block_for(proj_size or hidden_size),
                         num_warps=held[block_h])
 
 
@@ -99,7 +99,7 @@ def split_program_config(cell, dtype, hidden_size, proj_size, target="sm_90"):
     if found is None or found[0] >= hidden_size:
         return None
     block_h, num_warps = found
-    return KernelConfig(block_b=MIN_BLOCK, block_h=block_h, block_r=block_for(proj_size or hidden_size),
+    return KernelConfig(block_b=BLOCK_B, block_h=block_h, block_r=block_for(proj_size or hidden_size),
                         num_warps=num_warps)
 
 
@@ -115,7 +115,7 @@ def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sm
         return None, (f"hidden_size={hidden_size}{f', proj_size={proj_size}' if proj_size else ''} does not fit "
                       f"on-chip for {cell} {dtype} on {target}: one program holds at most {single}, and no "
                       f"split block holds a recurrent input of {proj_size or hidden_size}")
-    fields = dataclasses.asdict(config) if config else dict(block_b=MIN_BLOCK, num_warps=4, num_stages=1)
+    fields = dataclasses.asdict(config) if config else dict(block_b=BLOCK_B, num_warps=4, num_stages=1)
     fields.update(pinned)
     block_r = block_for(proj_size or hidden_size)
     if fields["block_h"] >= hidden_size and not proj_size:

@@ -10,9 +10,6 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from ..kernels.forward import rnn_forward
 
-GATES = {"lstm": 4, "gru": 3}
-
-
 def cudnn_rnn_allows_tf32():
     """Whether torch lets cuDNN's RNNs use TF32 for fp32: torch.backends.cudnn.rnn.fp32_precision
     where torch has it and it is set, else torch.backends.cudnn.allow_tf32 (reading the latter

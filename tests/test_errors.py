@@ -1,7 +1,6 @@
 """Bad input gets torch.nn's error, in torch.nn's words, on the kernel path too."""
 import pytest
 import torch
-from torch import nn
 
 import persistrnn
 
