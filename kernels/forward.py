@@ -14,56 +14,24 @@ registers (fp64 for fp64 inputs). Per step: one xproj row in and one y row out p
 SPLIT > 1: each step a program publishes its part of h_t to `xbuf` (its slice; with proj_size
 its partial W_hr product), meets the other programs of its batch tile at a barrier, and reads
 the full h_t back. xbuf is double-buffered by step parity, so a program that runs ahead never
-overwrites what a slower one still reads. The barrier counter only grows (target SPLIT*(step+1));
-its spin is bounded by MAX_SPIN polls, after which the program raises `error_ptr` and stops
-waiting: the host turns the flag into an exception, and no input can hang the GPU.
+overwrites what a slower one still reads. The barrier is skeleton._barrier (bounded spin).
+
+Saving for the backward (SAVE, only when autograd needs it; otherwise nothing is stored or
+allocated): per step, row and direction the post-activation gates and c (LSTM: i, f, g, o, c,
+5H values) or r, z, n and W_hn h + b_hn (GRU, 4H), in the state dtype, as cuDNN's reserve space.
+That is T * B * D * 5H * 4 bytes for an fp32-state LSTM: 320 KiB per step and direction at
+H = 1024, B = 16 (GRU: 256 KiB). The backward recomputes nothing and needs no W_hh^T on-chip.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, gru_cell, lstm_cell
-from .interpreter import interpreted, interpreting
+from .skeleton import (MAX_SPIN, BarrierTimeout, _barrier, _k_chunks, _load_w_chunks, _recurrent_dot,  # noqa: F401
+                       kernel_constexprs, launch, split_scratch, state_dtype)
 
-
-@triton.jit
-def _load_w_chunks(w_ptr, row0, n_cols, offs_n, mask_n, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   STATE_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr):
-    """Rows row0 + offs_n of a row-major (rows, n_cols) matrix, transposed: the B operand of
-    _recurrent_dot, [BLOCK_R, BLOCK_N], or cut along K into [BLOCK_R // BLOCK_K, BLOCK_K, BLOCK_N]."""
-    if BLOCK_R == BLOCK_K:
-        k = tl.arange(0, BLOCK_R)[:, None]
-        n = offs_n[None, :]
-        mask = (k < n_cols) & mask_n[None, :]
-    else:
-        k = (tl.arange(0, BLOCK_R // BLOCK_K) * BLOCK_K)[:, None, None] + tl.arange(0, BLOCK_K)[None, :, None]
-        n = offs_n[None, None, :]
-        mask = (k < n_cols) & mask_n[None, None, :]
-    # Every load is upcast at once (the interpreter's bf16 arithmetic is wrong), then cast to the
-    # MMA operand type: lossless, and a no-op pair once compiled.
-    return tl.load(w_ptr + (row0 + n) * n_cols + k, mask=mask, other=0.0).to(STATE_DTYPE).to(MMA_DTYPE)
-
-
-@triton.jit
-def _k_chunks(h, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h [BLOCK_B, BLOCK_R] as the A operand of _recurrent_dot: itself, or its K-chunks
-    [BLOCK_R // BLOCK_K, BLOCK_B, BLOCK_K]."""
-    if BLOCK_R == BLOCK_K:
-        return h
-    else:
-        return tl.permute(tl.reshape(h, [BLOCK_B, BLOCK_R // BLOCK_K, BLOCK_K]), (1, 0, 2))
-
-
-@triton.jit
-def _recurrent_dot(h_chunks, w_chunks, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
-    """h @ W^T. A wide h is multiplied as a batch of K-chunk products, summed: the warps share K,
-    so no warp holds all of h as an MMA operand (a plain dot with K = 1024 spills). A narrow h
-    (BLOCK_R == BLOCK_K) takes one plain dot, which uses fewer registers there."""
-    if BLOCK_R == BLOCK_K:
-        return tl.dot(h_chunks, w_chunks, input_precision=INPUT_PRECISION)
-    else:
-        return tl.sum(tl.dot(h_chunks, w_chunks, input_precision=INPUT_PRECISION), axis=0)
+# what the forward saves for the backward, per row, step and direction: H values each
+SAVED = {"lstm": 5, "gru": 4}
 
 
 @triton.jit
@@ -74,27 +42,28 @@ def _gate_preact(x_row_ptr, gate, H, mask, h_chunks, w_chunks, BLOCK_R: tl.const
 
 
 @triton.jit
-def _barrier(counter_ptr, target, alive, MAX_SPIN):
-    """Arrive, then wait until `target` programs have arrived, for at most MAX_SPIN polls.
-    Returns False on timeout; a program that timed out before (alive False) no longer waits."""
-    tl.debug_barrier()  # every thread's xbuf stores are issued before the release below
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-    arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    spins = 0
-    while (arrived < target) & (spins < MAX_SPIN) & alive:
-        arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-        spins += 1
-    tl.debug_barrier()
-    return alive & (arrived >= target)
+def _save(saved_ptr, y_t, offs_b, offs_h, mask_bh, active, direction, B, H, stride_st, stride_sb,
+          a0, a1, a2, a3, a4, N: tl.constexpr):
+    """Store the first N of a0..a4 (my hidden units) in saved[y_t, b, direction, 0..N-1, :]:
+    the values while active, zeros past the row's length."""
+    row = (saved_ptr + y_t[:, None].to(tl.int64) * stride_st + offs_b[:, None].to(tl.int64) * stride_sb
+           + direction * (N * H) + offs_h[None, :])
+    keep = active[:, None]
+    tl.store(row, tl.where(keep, a0, 0.0), mask=mask_bh)
+    tl.store(row + H, tl.where(keep, a1, 0.0), mask=mask_bh)
+    tl.store(row + 2 * H, tl.where(keep, a2, 0.0), mask=mask_bh)
+    tl.store(row + 3 * H, tl.where(keep, a3, 0.0), mask=mask_bh)
+    if N == 5:
+        tl.store(row + 4 * H, tl.where(keep, a4, 0.0), mask=mask_bh)
 
 
 @triton.jit
 def _rnn_forward_kernel(
     xproj_ptr, w_hh_ptr, b_hn_ptr, w_hr_ptr, h0_ptr, c0_ptr, lengths_ptr,
-    y_ptr, hn_ptr, cn_ptr, xbuf_ptr, counter_ptr, error_ptr,
+    y_ptr, hn_ptr, cn_ptr, saved_ptr, xbuf_ptr, counter_ptr, error_ptr,
     T, B, H, R, MAX_SPIN,
-    stride_xt, stride_xb, stride_yt, stride_yb,
-    CELL: tl.constexpr, HAS_PROJ: tl.constexpr, SPLIT: tl.constexpr,
+    stride_xt, stride_xb, stride_yt, stride_yb, stride_st, stride_sb,
+    SAVE: tl.constexpr, CELL: tl.constexpr, HAS_PROJ: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -118,11 +87,11 @@ def _rnn_forward_kernel(
 
     # Recurrent weights: read from memory once, kept on-chip for all T steps.
     w_hh_dir = w_hh_ptr + direction * (G * H * R)
-    w_0 = _load_w_chunks(w_hh_dir, 0 * H, R, offs_h, mask_h, BLOCK_R, BLOCK_K, STATE_DTYPE, MMA_DTYPE)
-    w_1 = _load_w_chunks(w_hh_dir, 1 * H, R, offs_h, mask_h, BLOCK_R, BLOCK_K, STATE_DTYPE, MMA_DTYPE)
-    w_2 = _load_w_chunks(w_hh_dir, 2 * H, R, offs_h, mask_h, BLOCK_R, BLOCK_K, STATE_DTYPE, MMA_DTYPE)
+    w_0 = _load_w_chunks(w_hh_dir + 0 * H * R, offs_h, mask_h, R, 1, R, BLOCK_R, BLOCK_K, STATE_DTYPE, MMA_DTYPE)
+    w_1 = _load_w_chunks(w_hh_dir + 1 * H * R, offs_h, mask_h, R, 1, R, BLOCK_R, BLOCK_K, STATE_DTYPE, MMA_DTYPE)
+    w_2 = _load_w_chunks(w_hh_dir + 2 * H * R, offs_h, mask_h, R, 1, R, BLOCK_R, BLOCK_K, STATE_DTYPE, MMA_DTYPE)
     if CELL == LSTM:
-        w_3 = _load_w_chunks(w_hh_dir, 3 * H, R, offs_h, mask_h, BLOCK_R, BLOCK_K, STATE_DTYPE, MMA_DTYPE)
+        w_3 = _load_w_chunks(w_hh_dir + 3 * H * R, offs_h, mask_h, R, 1, R, BLOCK_R, BLOCK_K, STATE_DTYPE, MMA_DTYPE)
         if HAS_PROJ:  # my columns of W_hr, transposed: [BLOCK_H, BLOCK_R]
             w_hr_t = tl.load(w_hr_ptr + direction * (R * H) + offs_r[None, :] * H + offs_h[:, None],
                              mask=mask_h[:, None] & mask_r[None, :], other=0.0).to(STATE_DTYPE).to(MMA_DTYPE)
@@ -152,13 +121,19 @@ def _rnn_forward_kernel(
         m_x = mask_bh & active[:, None]
         if HAS_PROJ:  # round h to the weights' type as the MMA sees it (no-op where MMA_DTYPE == W_DTYPE)
             h_mma = _k_chunks(h_full.to(W_DTYPE).to(MMA_DTYPE), BLOCK_B, BLOCK_R, BLOCK_K)
+        # every (step, row) writes one y row (and one saved row): at t while active, zero at
+        # `step` past the length, so no output or saved row is left unwritten
+        y_t = tl.where(active, t, step)
         if CELL == LSTM:
-            h_cell, c_new = lstm_cell(
+            h_cell, c_new, i, f, g, o = lstm_cell(
                 _gate_preact(x_row, 0, H, m_x, h_mma, w_0, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION),
                 _gate_preact(x_row, 1, H, m_x, h_mma, w_1, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION),
                 _gate_preact(x_row, 2, H, m_x, h_mma, w_2, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION),
                 _gate_preact(x_row, 3, H, m_x, h_mma, w_3, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION), c)
             c = tl.where(active[:, None], c_new, c)
+            if SAVE:
+                _save(saved_ptr, y_t, offs_b, offs_h, mask_bh, active, direction, B, H, stride_st, stride_sb,
+                      i, f, g, o, c, 5)
             if HAS_PROJ:  # my hidden units' share of h_t = (o * tanh(c)) @ W_hr^T
                 h_new = tl.dot(h_cell.to(W_DTYPE).to(MMA_DTYPE), w_hr_t,
                                input_precision=INPUT_PRECISION).to(STATE_DTYPE)
@@ -167,10 +142,13 @@ def _rnn_forward_kernel(
         else:
             x_n = tl.load(x_row + 2 * H, mask=m_x, other=0.0).to(STATE_DTYPE)
             hh_n = _recurrent_dot(h_mma, w_2, BLOCK_R, BLOCK_K, INPUT_PRECISION).to(STATE_DTYPE) + b_hn
-            h_new = gru_cell(
+            h_new, r, z, n = gru_cell(
                 _gate_preact(x_row, 0, H, m_x, h_mma, w_0, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION),
                 _gate_preact(x_row, 1, H, m_x, h_mma, w_1, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION),
                 x_n, hh_n, h_mine)
+            if SAVE:
+                _save(saved_ptr, y_t, offs_b, offs_h, mask_bh, active, direction, B, H, stride_st, stride_sb,
+                      r, z, n, hh_n, hh_n, 4)
 
         xbuf = xbuf_ptr + ((step % 2) * tl.num_programs(2) + direction) * (SLOTS * B * R) + offs_b[:, None] * R
         if HAS_PROJ:
@@ -193,8 +171,6 @@ def _rnn_forward_kernel(
             else:
                 h_mma = _k_chunks(h_mine.to(W_DTYPE).to(MMA_DTYPE), BLOCK_B, BLOCK_R, BLOCK_K)
             out_cols, out_mask, out_val = offs_h, mask_bh, h_new
-        # every (step, row) writes one y row: h_t at t while active, zero at `step` past the length
-        y_t = tl.where(active, t, step)
         y_ptrs = (y_ptr + y_t[:, None] * stride_yt + offs_b[:, None].to(tl.int64) * stride_yb + direction * R
                   + out_cols[None, :])
         tl.store(y_ptrs, tl.where(active[:, None], out_val, 0.0).to(y_ptr.dtype.element_ty), mask=out_mask)
@@ -208,39 +184,14 @@ def _rnn_forward_kernel(
     tl.store(error_ptr, 1, mask=alive == 0)
 
 
-# K-chunk width of the recurrent dot (see _recurrent_dot)
-K_CHUNK = 128
-
-_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-             torch.float64: tl.float64}
-
-
-def kernel_constexprs(cell, dtype, has_proj, split, block_b, block_h, block_r, *, interpret, allow_tf32):
-    """The compile-time parameters of one launch (also used by the ahead-of-time compile)."""
-    w_dtype = _TL_DTYPE[dtype]
-    # the interpreter's bf16 arithmetic is wrong: multiply bf16-rounded values in fp32 there
-    mma_dtype = tl.float32 if (interpret and dtype == torch.bfloat16) else w_dtype
-    state_dtype = tl.float64 if dtype == torch.float64 else tl.float32
-    precision = "tf32" if (dtype == torch.float32 and allow_tf32 and not interpret) else "ieee"
-    return dict(CELL=LSTM if cell == "lstm" else GRU, HAS_PROJ=has_proj, SPLIT=split, BLOCK_B=block_b,
-                BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_K=min(block_r, K_CHUNK), W_DTYPE=w_dtype, MMA_DTYPE=mma_dtype,
-                STATE_DTYPE=state_dtype, INPUT_PRECISION=precision)
-
-
-# Barrier polls before a program gives up: seconds on a GPU, far beyond any real step.
-MAX_SPIN = {"compiled": 1 << 24, "interpret": 1 << 20}
-
-
-class BarrierTimeout(RuntimeError):
-    pass
-
-
-def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *,
+def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *, saved=None,
                 block_b, block_h, block_r, num_warps, num_stages, interpret, allow_tf32, max_spin=None):
     """Launch one layer (all directions). Shapes: xproj (T, B, D*G*H) with any (t, b) strides and
     unit stride inside a row; w_hh (D, G*H, R); b_hn (D, H); w_hr (D, R, H); h0, h_n (D, B, R);
     c0, c_n (D, B, H); lengths (B,) int32; y (T, B, D*R), same row rule as xproj. Unused pointers
     (b_hn for LSTM, w_hr without projection, c0/c_n for GRU) may be any tensor.
+    saved: None, or (T, B, D, SAVED[cell], H) in the state dtype (same row rule), filled with what
+    the backward needs (LSTM i, f, g, o, c; GRU r, z, n, W_hn h + b_hn per step).
     SPLIT = cdiv(H, block_h) programs share a batch tile; with SPLIT > 1 the caller must make sure
     the whole grid can be resident at once (the launch is cooperative and fails otherwise)."""
     T, B = xproj.shape[0], xproj.shape[1]
@@ -251,28 +202,17 @@ def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *,
     constexprs = kernel_constexprs(cell, w_hh.dtype, has_proj, split, block_b, block_h, block_r,
                                    interpret=interpret, allow_tf32=allow_tf32)
     grid = (triton.cdiv(B, block_b), split, D)
-    # scratch of the split tier: the step-parity exchange buffer (h slices in the weights' dtype,
-    # or fp32 partial products with proj_size), one barrier counter per (direction, batch tile),
-    # and the timeout flag
+    # the exchange buffer holds h slices in the weights' dtype, or partial products with proj_size
     slots = split if has_proj else 1
-    xbuf_dtype = (torch.float64 if w_hh.dtype == torch.float64 else torch.float32) if has_proj else w_hh.dtype
-    xbuf = torch.empty((2, D, slots, B, R) if split > 1 else (1,), dtype=xbuf_dtype, device=xproj.device)
-    counters = torch.zeros(D * grid[0] if split > 1 else 1, dtype=torch.int32, device=xproj.device)
-    error = torch.zeros(1, dtype=torch.int32, device=xproj.device)
+    xbuf, counters, error = split_scratch(split, D, grid[0], (slots, B, R),
+                                          state_dtype(w_hh.dtype) if has_proj else w_hh.dtype, xproj.device)
     if max_spin is None:
         max_spin = MAX_SPIN["interpret" if interpret else "compiled"]
-    args = (xproj, w_hh, b_hn, w_hh if w_hr is None else w_hr, h0, c0, lengths, y, h_n, c_n, xbuf, counters,
-            error, T, B, H, R, max_spin, xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1))
-    if interpret:
-        with interpreting():
-            # programs that meet at a barrier must run at the same time
-            interpreted(_rnn_forward_kernel, concurrent=split > 1)[grid](*args, **constexprs)
-    else:
-        with torch.cuda.device(xproj.device):  # triton launches on the current device
-            _rnn_forward_kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages,
-                                      launch_cooperative_grid=split > 1)
-    if split > 1 and error.item():
-        raise BarrierTimeout(
-            f"persistrnn: a barrier of the split forward kernel timed out after {max_spin} polls "
-            f"(cell={cell}, grid={grid}, BLOCK_B={block_b}, BLOCK_H={block_h}, BLOCK_R={block_r}, "
-            f"num_warps={num_warps}): its programs were not all running at once; outputs are invalid")
+    save = saved is not None
+    args = (xproj, w_hh, b_hn, w_hh if w_hr is None else w_hr, h0, c0, lengths, y, h_n, c_n,
+            saved if save else error, xbuf, counters, error, T, B, H, R, max_spin,
+            xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1),
+            saved.stride(0) if save else 0, saved.stride(1) if save else 0)
+    launch(_rnn_forward_kernel, grid, args, dict(constexprs, SAVE=save), interpret=interpret,
+           num_warps=num_warps, num_stages=num_stages, device=xproj.device, what="forward", error=error,
+           max_spin=max_spin)

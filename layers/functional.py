@@ -1,14 +1,18 @@
-"""Host side of a multi-layer, possibly bidirectional LSTM/GRU forward on the persistent kernels.
+"""Host side of a multi-layer, possibly bidirectional LSTM/GRU on the persistent kernels.
 
 Mirrors `torch._VF.lstm / gru`: takes the (already validated) input, state and torch.nn's flat
 weight list, and returns (output, h_n[, c_n]). Per layer: one GEMM for the input projection of
-every step and both directions, then one kernel launch for the whole time loop.
+every step and both directions, then one kernel launch for the whole time loop. When autograd
+needs gradients, each layer runs as one `autograd.PersistentLayer` (forward saves, backward
+kernel, weight GEMMs); otherwise the forward saves nothing.
 """
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..kernels.forward import rnn_forward
+from ..kernels.forward import SAVED, rnn_forward
+from ..kernels.skeleton import state_dtype
+
 
 def cudnn_rnn_allows_tf32():
     """Whether torch lets cuDNN's RNNs use TF32 for fp32: torch.backends.cudnn.rnn.fp32_precision
@@ -24,15 +28,15 @@ def cudnn_rnn_allows_tf32():
         return False
 
 
-def _layer_weights(cell, flat_weights, layer, num_directions, has_bias, has_proj, hidden_size):
-    """Stack one layer's per-direction weights into the kernel's layout."""
+def layer_weights(cell, weights, num_directions, has_bias, has_proj, hidden_size):
+    """Stack one layer's per-direction weights (torch.nn's flat order: w_ih, w_hh[, b_ih, b_hh]
+    [, w_hr] per direction) into the kernel's layout: (w_ih, bias_x, w_hh, b_hn, w_hr)."""
     per_dir = 2 + 2 * has_bias + has_proj
-    dirs = [flat_weights[(layer * num_directions + d) * per_dir:(layer * num_directions + d + 1) * per_dir]
-            for d in range(num_directions)]
+    dirs = [weights[d * per_dir:(d + 1) * per_dir] for d in range(num_directions)]
     H = hidden_size
     w_ih = torch.cat([w[0] for w in dirs])
-    w_hh = torch.stack([w[1] for w in dirs])
-    w_hr = torch.stack([w[-1] for w in dirs]) if has_proj else None
+    w_hh = torch.stack([w[1] for w in dirs]).contiguous()
+    w_hr = torch.stack([w[-1] for w in dirs]).contiguous() if has_proj else None
     if not has_bias:
         return w_ih, None, w_hh, torch.zeros(num_directions, H, dtype=w_hh.dtype, device=w_hh.device), w_hr
     b_ih = torch.cat([w[2] for w in dirs])
@@ -41,57 +45,78 @@ def _layer_weights(cell, flat_weights, layer, num_directions, has_bias, has_proj
         b_hn = w_hh  # unused by the LSTM kernel
     else:  # b_hr, b_hz fold into the input projection; b_hn stays inside r * (W_hn h + b_hn)
         bias_x = b_ih + torch.cat([torch.cat([w[3][:2 * H], torch.zeros_like(w[3][2 * H:])]) for w in dirs])
-        b_hn = torch.stack([w[3][2 * H:] for w in dirs])
+        b_hn = torch.stack([w[3][2 * H:] for w in dirs]).contiguous()
     return w_ih, bias_x, w_hh, b_hn, w_hr
 
 
+def time_major(t, batch_first):
+    """A (T, B, ...) view of a tensor in the layer's layout: batch-first views need no copy,
+    the kernels take (t, b) strides."""
+    return t.transpose(0, 1) if batch_first else t
+
+
+def layer_forward(layer, x, h0, c0, lengths, weights, *, save):
+    """One layer, all directions. x: (T, B, I), or (B, T, I) with layer.batch_first; h0 (D, B, R)
+    and c0 (D, B, H) contiguous. Returns (y, h_n, c_n, saved); saved is None unless `save`."""
+    cell, D, H, R = layer.cell, layer.num_directions, layer.hidden_size, layer.real_hidden_size
+    w_ih, bias_x, w_hh, b_hn, w_hr = layer_weights(cell, weights, D, layer.has_bias, layer.has_proj, H)
+    xproj = F.linear(x, w_ih, bias_x)
+    y = x.new_empty(*x.shape[:2], D * R)
+    hn = torch.empty_like(h0)
+    cn = torch.empty_like(c0) if cell == "lstm" else hn
+    saved = x.new_empty(*x.shape[:2], D, SAVED[cell], H, dtype=state_dtype(x.dtype)) if save else None
+    if y.shape[0] * y.shape[1] > 0:  # an empty batch has nothing to launch
+        config = layer.config
+        rnn_forward(cell, time_major(xproj, layer.batch_first), w_hh, b_hn, w_hr, h0,
+                    c0 if cell == "lstm" else h0, lengths, time_major(y, layer.batch_first), hn, cn,
+                    saved=None if saved is None else time_major(saved, layer.batch_first),
+                    block_b=config.block_b, block_h=config.block_h, block_r=config.block_r,
+                    num_warps=config.num_warps, num_stages=config.num_stages, interpret=layer.interpret,
+                    allow_tf32=layer.allow_tf32)
+    return y, hn, (cn if cell == "lstm" else None), saved
+
+
 def rnn(cell, input, batch_sizes, hx, flat_weights, *, has_bias, num_layers, dropout, training,
-        bidirectional, batch_first, hidden_size, proj_size, config, interpret):
+        bidirectional, batch_first, hidden_size, proj_size, config, interpret, grad_needed=False):
     """input: (T, B, I) ((B, T, I) if batch_first), or packed data (N, I) with batch_sizes.
-    hx: h0 (L*D, B, R), or (h0, c0) for the LSTM. Returns (output, h_n) or (output, (h_n, c_n))."""
+    hx: h0 (L*D, B, R), or (h0, c0) for the LSTM. Returns (output, h_n) or (output, (h_n, c_n)).
+    grad_needed: run each layer through autograd (saving for, and running, the backward kernel)."""
+    from .autograd import Layer, PersistentLayer
+
     D = 2 if bidirectional else 1
-    H = hidden_size
-    R = proj_size or hidden_size
     is_lstm = cell == "lstm"
     h0_all, c0_all = (hx if is_lstm else (hx, None))
 
     if batch_sizes is not None:  # packed: run padded, in the packed (sorted) batch order
         input, lengths = pad_packed_sequence(PackedSequence(input, batch_sizes))
-        time_major = True
+        batch_first = False
     else:
-        time_major = not batch_first
-        T = input.shape[0 if time_major else 1]
-        B = input.shape[1 if time_major else 0]
+        T = input.shape[1 if batch_first else 0]
+        B = input.shape[0 if batch_first else 1]
         lengths = torch.full((B,), T, dtype=torch.int32)
-    if (input.shape[0] if time_major else input.shape[1]) == 0:
+    if input.shape[1 if batch_first else 0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     lengths = lengths.to(device=input.device, dtype=torch.int32)
+    layer = Layer(cell=cell, num_directions=D, hidden_size=hidden_size, real_hidden_size=proj_size or hidden_size,
+                  has_bias=has_bias, has_proj=proj_size > 0, batch_first=batch_first, config=config,
+                  interpret=interpret, allow_tf32=cudnn_rnn_allows_tf32())
+    per_layer = D * (2 + 2 * has_bias + (proj_size > 0))
 
     layer_input = input
     h_n, c_n = [], []
-    for layer in range(num_layers):
-        w_ih, bias_x, w_hh, b_hn, w_hr = _layer_weights(cell, flat_weights, layer, D, has_bias,
-                                                        proj_size > 0, H)
-        xproj = F.linear(layer_input, w_ih, bias_x)
-        y = torch.empty(*layer_input.shape[:2], D * R, dtype=input.dtype, device=input.device)
-        if not time_major:  # the kernel takes (t, b) strides: batch-first views need no copy
-            xproj_tb, y_tb = xproj.transpose(0, 1), y.transpose(0, 1)
+    for index in range(num_layers):
+        weights = flat_weights[index * per_layer:(index + 1) * per_layer]
+        h0 = h0_all[index * D:(index + 1) * D].contiguous()
+        c0 = c0_all[index * D:(index + 1) * D].contiguous() if is_lstm else None
+        if grad_needed:
+            y, hn, *cn = PersistentLayer.apply(layer, layer_input, lengths, h0, c0, *weights)
+            cn = cn[0] if is_lstm else None
         else:
-            xproj_tb, y_tb = xproj, y
-        h0 = h0_all[layer * D:(layer + 1) * D].contiguous()
-        c0 = c0_all[layer * D:(layer + 1) * D].contiguous() if is_lstm else h0
-        hn = torch.empty_like(h0)
-        cn = torch.empty_like(c0) if is_lstm else hn
-        if y_tb.shape[1] > 0:  # an empty batch has nothing to launch
-            rnn_forward(cell, xproj_tb, w_hh.contiguous(), b_hn.contiguous(), w_hr, h0, c0, lengths,
-                        y_tb, hn, cn, block_b=config.block_b, block_h=config.block_h,
-                        block_r=config.block_r, num_warps=config.num_warps,
-                        num_stages=config.num_stages, interpret=interpret,
-                        allow_tf32=cudnn_rnn_allows_tf32())
+            y, hn, cn, _ = layer_forward(layer, layer_input, h0, c0, lengths, weights, save=False)
         h_n.append(hn)
         c_n.append(cn)
         layer_input = y
-        if dropout > 0 and training and layer < num_layers - 1:
+        if dropout > 0 and training and index < num_layers - 1:
             layer_input = F.dropout(y, p=dropout, training=True)
 
     output = y  # no dropout after the last layer

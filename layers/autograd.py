@@ -1,0 +1,113 @@
+"""Training through the persistent kernels: one `torch.autograd.Function` per layer (all directions).
+
+forward: the forward kernel with SAVE (per step gate activations and c, see kernels/forward.py).
+backward: the backward kernel walks the sequence in reverse and returns the pre-activation
+gradients of every step (dgates), dh0, dc0 (and dh_t with proj_size); then every weight, bias and
+input gradient is one GEMM (or sum) over the whole sequence:
+    dx = dgates @ W_ih            dW_ih = dgates^T x            db_ih = sum dgates
+    dW_hh = dgates_h^T h_prev     db_hh = sum dgates_h          dW_hr = dh^T (o * tanh c)
+with dgates_h = dgates for the LSTM, and for the GRU dgates with its n part times r (the n gate
+sees W_hn h + b_hn through r). Double backward is not supported (`once_differentiable`).
+"""
+import dataclasses
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..kernels.backward import rnn_backward
+from .dispatch import KernelConfig
+from .functional import layer_forward, layer_weights, time_major
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """What is fixed about one layer call (passed through autograd as a non-tensor argument)."""
+    cell: str
+    num_directions: int
+    hidden_size: int
+    real_hidden_size: int  # proj_size or hidden_size
+    has_bias: bool
+    has_proj: bool
+    batch_first: bool
+    config: KernelConfig
+    interpret: bool
+    allow_tf32: bool
+
+
+def _h_prev(y, h0, lengths, layer):
+    """h_{t-1} of every step, in y's layout: y shifted one step back in each direction's own time
+    order, h0 at each row's first step (the reverse direction's first is the row's last)."""
+    R = layer.real_hidden_size
+    h_prev = torch.zeros_like(y)
+    y_tb, h_prev_tb = time_major(y, layer.batch_first), time_major(h_prev, layer.batch_first)
+    rows = torch.arange(y_tb.shape[1], device=y.device)
+    for d in range(layer.num_directions):
+        cols = slice(d * R, (d + 1) * R)
+        if d == 0:
+            h_prev_tb[1:, :, cols] = y_tb[:-1, :, cols]
+            h_prev_tb[0, :, cols] = h0[0]
+        else:
+            h_prev_tb[:-1, :, cols] = y_tb[1:, :, cols]
+            h_prev_tb[lengths.long() - 1, rows, cols] = h0[1]
+    return h_prev
+
+
+class PersistentLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, layer, x, lengths, h0, c0, *weights):
+        y, hn, cn, saved = layer_forward(layer, x, h0, c0, lengths, weights, save=True)
+        ctx.layer = layer
+        ctx.save_for_backward(x, lengths, h0, c0, y, saved, *weights)
+        return (y, hn, cn) if layer.cell == "lstm" else (y, hn)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dh_n, dc_n=None):
+        layer = ctx.layer
+        x, lengths, h0, c0, y, saved, *weights = ctx.saved_tensors
+        cell, D, H, R = layer.cell, layer.num_directions, layer.hidden_size, layer.real_hidden_size
+        G = 4 if cell == "lstm" else 3
+        w_ih, _, w_hh, _, w_hr = layer_weights(cell, weights, D, layer.has_bias, layer.has_proj, H)
+        # autograd passes None for outputs that took no part in the loss
+        dy = torch.zeros_like(y) if dy is None else dy
+        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
+        if cell == "lstm":
+            dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        dgates = x.new_empty(*x.shape[:2], D * G * H)
+        dh_all = torch.empty_like(y) if layer.has_proj else None
+        dh0 = torch.empty_like(h0)
+        dc0 = torch.empty_like(c0) if cell == "lstm" else None
+        if dgates.shape[0] * dgates.shape[1] > 0:
+            config, bf = layer.config, layer.batch_first
+            rnn_backward(cell, time_major(dy, bf), dh_n, dc_n if cell == "lstm" else dh_n, time_major(saved, bf),
+                         time_major(y, bf), h0, c0 if cell == "lstm" else h0, w_hh, w_hr, lengths,
+                         time_major(dgates, bf), None if dh_all is None else time_major(dh_all, bf), dh0,
+                         dc0 if cell == "lstm" else dh0, block_b=config.block_b, block_h=config.block_h,
+                         block_r=config.block_r, num_warps=config.num_warps, num_stages=config.num_stages,
+                         interpret=layer.interpret, allow_tf32=layer.allow_tf32)
+
+        rows = dgates.reshape(-1, D * G * H)  # one row per (t, b), in x's layout
+        dx = (rows @ w_ih).reshape(x.shape) if ctx.needs_input_grad[1] else None
+        dw_ih = rows.t() @ x.reshape(-1, x.shape[-1])
+        db_ih = rows.sum(0)
+        if cell == "gru":  # the n gate's h side: r * (W_hn h + b_hn)
+            r = saved[..., 0, :].reshape(*x.shape[:2], D * H)
+            dgates_h = dgates.clone().view(*x.shape[:2], D, G, H)
+            dgates_h[..., 2, :] *= r.view(*x.shape[:2], D, H)
+            rows_h = dgates_h.reshape(-1, D * G * H)
+        else:
+            rows_h = rows
+        h_prev = _h_prev(y, h0, lengths, layer).reshape(-1, D * R)
+        grads = []
+        for d in range(D):
+            gates = slice(d * G * H, (d + 1) * G * H)
+            grads += [dw_ih[gates], rows_h[:, gates].t() @ h_prev[:, d * R:(d + 1) * R]]
+            if layer.has_bias:
+                grads += [db_ih[gates], rows_h[:, gates].sum(0)]
+            if layer.has_proj:  # h_t = (o * tanh c_t) @ W_hr^T
+                h_cell = (saved[..., d, 3, :] * torch.tanh(saved[..., d, 4, :])).reshape(-1, H).to(y.dtype)
+                grads.append(dh_all.reshape(-1, D * R)[:, d * R:(d + 1) * R].t() @ h_cell)
+        grads = [g.to(w.dtype) for g, w in zip(grads, weights)]
+        return (None, dx, None, dh0, dc0, *grads)
