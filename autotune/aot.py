@@ -4,6 +4,8 @@
 triton 3.6's own argument binding); the cuobjdump bundled with triton reports
 its registers (REG), stack (STACK: spills) and local memory, and triton's metadata its shared
 memory. A config is on-chip when it spills nothing and its shared memory fits the target.
+Two passes: "forward" (inference: the forward kernel without SAVE) and "train" (the forward
+kernel with SAVE and the backward kernel, with the same config: on-chip when both are).
 """
 import concurrent.futures
 import dataclasses
@@ -18,7 +20,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from ..kernels.forward import MAX_SPIN, _rnn_forward_kernel, kernel_constexprs
+from ..kernels.backward import _rnn_backward_kernel
+from ..kernels.forward import SAVED, _rnn_forward_kernel
+from ..kernels.skeleton import MAX_SPIN, kernel_constexprs, state_dtype
+
+PASSES = ("forward", "train")
 
 # per target: compute capability, SM count, shared memory per block (bytes)
 TARGETS = {
@@ -57,35 +63,37 @@ def resource_usage(cubin: bytes):
 _resources = {}  # per process: config key -> Resources
 
 
-def forward_resources(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages,
-                      target="sm_90", split=1):
-    """Compile the forward kernel for one config and report what it uses on `target` (cached)."""
-    key = (cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages, target, split)
+def kernel_resources(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages,
+                     target="sm_90", split=1, pass_="forward"):
+    """Compile the kernels of one pass ("forward" or "train") for one config and report what they
+    use on `target`, the worse of the two kernels for "train" (cached)."""
+    key = (cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages, target, split, pass_)
     if key not in _resources:
-        _resources[key] = _compile_forward(*key)
+        _resources[key] = _compile(*key)
     return _resources[key]
 
 
 def prefetch(keys, workers=None):
-    """Compile many configs (tuples of forward_resources' arguments, all ten) on all cores."""
+    """Compile many configs (tuples of kernel_resources' arguments, all eleven) on all cores."""
     missing = sorted({tuple(k) for k in keys} - set(_resources), key=str)
     if missing:
         with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count()) as pool:
-            _resources.update(zip(missing, pool.map(_compile_forward_key, missing)))
+            _resources.update(zip(missing, pool.map(_compile_key, missing)))
 
 
-def _compile_forward_key(key):
-    return _compile_forward(*key)
+def _compile_key(key):
+    return _compile(*key)
 
 
-def _compile_forward(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages, target, split):
+def _compile(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages, target, split, pass_):
     """Compile as a launch would, specializing on representative arguments (sizes and strides
     divisible by 16, aligned pointers); fp32 both with TF32 and IEEE dots, keeping the worse."""
     spec = TARGETS[target]
     worst = None
-    for allow_tf32 in ((True, False) if dtype == torch.float32 else (False,)):
-        compiled = _compile_like_a_launch(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages,
-                                          spec["capability"], split, allow_tf32)
+    kernels = ("forward",) if pass_ == "forward" else ("forward_save", "backward")
+    for kernel, allow_tf32 in ((k, a) for k in kernels for a in ((True, False) if dtype == torch.float32 else (False,))):
+        compiled = _compile_like_a_launch(kernel, cell, dtype, has_proj, block_b, block_h, block_r, num_warps,
+                                          num_stages, spec["capability"], split, allow_tf32)
         usage = resource_usage(compiled.asm["cubin"])
         res = Resources(regs=usage.get("REG", 0), stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0),
                         shared=compiled.metadata.shared, smem_limit=spec["smem"])
@@ -94,8 +102,8 @@ def _compile_forward(cell, dtype, has_proj, block_b, block_h, block_r, num_warps
     return worst
 
 
-def _compile_like_a_launch(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages, capability,
-                           split, allow_tf32):
+def _compile_like_a_launch(kernel, cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages,
+                           capability, split, allow_tf32):
     # Sizes this config is picked for: H = SPLIT * BLOCK_H units, R = BLOCK_R (with proj_size < H).
     G = 4 if cell == "lstm" else 3
     H = max(block_h * split, 16)
@@ -105,20 +113,31 @@ def _compile_like_a_launch(cell, dtype, has_proj, block_b, block_h, block_r, num
     xproj, y = make(T, B, D * G * H), make(T, B, D * R)
     w_hh, h0, c0 = make(D, G * H, R), make(D, B, R), make(D, B, H)
     w_hr = make(D, R, H) if has_proj else w_hh
-    xbuf_dtype = (torch.float64 if dtype == torch.float64 else torch.float32) if has_proj else dtype
-    xbuf = make(2, D, split if has_proj else 1, B, R, dt=xbuf_dtype) if split > 1 else make(1, dt=xbuf_dtype)
+    saved = make(T, B, D, SAVED[cell], H, dt=state_dtype(dtype))
     ints = make(max(B, 2), dt=torch.int32)
-    args = (xproj, w_hh, make(D, H), w_hr, h0, c0, ints, y, h0, c0, xbuf, ints, ints,
-            T, B, H, R, MAX_SPIN["compiled"], xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1))
     constexprs = kernel_constexprs(cell, dtype, has_proj, split, block_b, block_h, block_r,
                                    interpret=False, allow_tf32=allow_tf32)
-    kernel = _rnn_forward_kernel
+    if kernel == "backward":
+        xbuf = make(2, D, split, B, R, dt=state_dtype(dtype)) if split > 1 else make(1, dt=state_dtype(dtype))
+        args = (y, h0, c0, saved, y, h0, c0, w_hh, w_hr, ints, xproj, y if has_proj else xproj, h0, c0, xbuf, ints,
+                ints, T, B, H, R, MAX_SPIN["compiled"], y.stride(0), y.stride(1), saved.stride(0), saved.stride(1),
+                y.stride(0), y.stride(1), xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1))
+        jit_fn = _rnn_backward_kernel
+    else:
+        xbuf_dtype = state_dtype(dtype) if has_proj else dtype
+        xbuf = make(2, D, split if has_proj else 1, B, R, dt=xbuf_dtype) if split > 1 else make(1, dt=xbuf_dtype)
+        save = kernel == "forward_save"
+        args = (xproj, w_hh, make(D, H), w_hr, h0, c0, ints, y, h0, c0, saved if save else ints, xbuf, ints, ints,
+                T, B, H, R, MAX_SPIN["compiled"], xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1),
+                saved.stride(0) if save else 0, saved.stride(1) if save else 0)
+        constexprs["SAVE"] = save
+        jit_fn = _rnn_forward_kernel
     # triton 3.6's own argument binding and specialization, as JITFunction.run does it
     backend = make_backend(GPUTarget("cuda", capability, 32))
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    binder = create_function_from_signature(jit_fn.signature, jit_fn.params, backend)
     kwargs = dict(constexprs, num_warps=num_warps, num_stages=num_stages, launch_cooperative_grid=split > 1,
                   debug=False)
     bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
+    options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(jit_fn, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
                           options=options.__dict__)

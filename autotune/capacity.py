@@ -11,7 +11,9 @@ target's shared memory is not tried (those compiles also take ptxas minutes).
 
     python -m persistrnn.autotune.capacity [--write]
 
-`--write` regenerates autotune/tables.py, the tables the planner uses at run time.
+`--write` regenerates autotune/tables.py, the tables the planner uses at run time. Every search
+runs for two passes (aot.PASSES): "forward" (inference) and "train" (forward with SAVE and the
+backward kernel, one config for both).
 """
 import argparse
 import concurrent.futures
@@ -20,7 +22,7 @@ import pprint
 
 import torch
 
-from .aot import TARGETS, forward_resources
+from .aot import PASSES, TARGETS, kernel_resources
 
 CELLS = ("lstm", "gru")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -55,31 +57,31 @@ def _variants(cell, block_h):
     return variants
 
 
-def single_keys(cell, dtype, block_h, target, warps=NUM_WARPS):
-    """forward_resources keys that block_warps may compile (for aot.prefetch)."""
-    return [(cell, dtype, p, BLOCK_B, block_h, r, w, 1, target, 1) for r, p in _variants(cell, block_h)
+def single_keys(cell, dtype, block_h, target, warps=NUM_WARPS, pass_="forward"):
+    """kernel_resources keys that block_warps may compile (for aot.prefetch)."""
+    return [(cell, dtype, p, BLOCK_B, block_h, r, w, 1, target, 1, pass_) for r, p in _variants(cell, block_h)
             for w in warps if _fits_smem(cell, dtype, block_h, r, p, target)]
 
 
-def block_warps(cell, dtype, block_h, target):
+def block_warps(cell, dtype, block_h, target, pass_="forward"):
     """The smallest candidate warp count with which every variant of this block compiles
     on-chip on `target`, or None."""
     variants = _variants(cell, block_h)
     if not all(_fits_smem(cell, dtype, block_h, r, p, target) for r, p in variants):
         return None
     for num_warps in NUM_WARPS:
-        if all(forward_resources(cell, dtype, p, BLOCK_B, block_h, r, num_warps, 1, target).on_chip
+        if all(kernel_resources(cell, dtype, p, BLOCK_B, block_h, r, num_warps, 1, target, pass_=pass_).on_chip
                for r, p in variants):
             return num_warps
     return None
 
 
-def single_program_blocks(cell, dtype, target):
+def single_program_blocks(cell, dtype, target, pass_="forward"):
     """{block_h: num_warps} for every block one program holds on-chip on `target`; stops at the
     first block that does not fit."""
     held = {}
     for block_h in BLOCKS:
-        num_warps = block_warps(cell, dtype, block_h, target)
+        num_warps = block_warps(cell, dtype, block_h, target, pass_)
         if num_warps is None:
             break
         held[block_h] = num_warps
@@ -93,15 +95,15 @@ def _split_variant(block_r, block_h, has_proj):
     return (4 * block_r // block_h if has_proj else block_r // block_h), has_proj
 
 
-def split_keys(cell, dtype, has_proj, block_r, target, block_hs=SPLIT_BLOCK_H, warps=NUM_WARPS):
-    """forward_resources keys that split_block may compile (for aot.prefetch)."""
+def split_keys(cell, dtype, has_proj, block_r, target, block_hs=SPLIT_BLOCK_H, warps=NUM_WARPS, pass_="forward"):
+    """kernel_resources keys that split_block may compile (for aot.prefetch)."""
     return [(cell, dtype, has_proj, BLOCK_B, block_h, block_r, w, 1, target,
-             _split_variant(block_r, block_h, has_proj)[0])
+             _split_variant(block_r, block_h, has_proj)[0], pass_)
             for block_h in block_hs if block_h < block_r for w in warps
             if _fits_smem(cell, dtype, block_h, block_r, has_proj, target)]
 
 
-def split_block(cell, dtype, has_proj, block_r, target):
+def split_block(cell, dtype, has_proj, block_r, target, pass_="forward"):
     """(block_h, num_warps) of the split tier for a recurrent input of width block_r: the largest
     block_h < block_r with a warp count that compiles on-chip on `target`, or None."""
     for block_h in SPLIT_BLOCK_H:
@@ -109,18 +111,18 @@ def split_block(cell, dtype, has_proj, block_r, target):
             continue
         split, _ = _split_variant(block_r, block_h, has_proj)
         for num_warps in NUM_WARPS:
-            if forward_resources(cell, dtype, has_proj, BLOCK_B, block_h, block_r, num_warps, 1, target,
-                                 split=split).on_chip:
+            if kernel_resources(cell, dtype, has_proj, BLOCK_B, block_h, block_r, num_warps, 1, target,
+                                split=split, pass_=pass_).on_chip:
                 return block_h, num_warps
     return None
 
 
-def split_blocks(cell, dtype, has_proj, target):
+def split_blocks(cell, dtype, has_proj, target, pass_="forward"):
     """{block_r: (block_h, num_warps)} for every width the split tier holds on `target`; stops at
     the first width that does not fit."""
     held = {}
     for block_r in SPLIT_BLOCK_R:
-        found = split_block(cell, dtype, has_proj, block_r, target)
+        found = split_block(cell, dtype, has_proj, block_r, target, pass_)
         if found is None:
             break
         held[block_r] = found
@@ -129,56 +131,58 @@ def split_blocks(cell, dtype, has_proj, target):
 
 # --- reports and the shipped tables --------------------------------------------------------
 
-def capacity_table(target="sm_90"):
-    """Rows of {cell, dtype, pass, target, max_hidden, config} for the forward pass: the largest
-    hidden size (no proj_size) either tier holds on-chip, with a grid of one batch tile of 16 rows
-    and one direction that fits the target's SMs (one program per SM)."""
+def capacity_table(target="sm_90", passes=PASSES):
+    """Rows of {cell, dtype, pass, target, max_hidden, config} per pass: the largest hidden size
+    (no proj_size) either tier holds on-chip, with a grid of one batch tile of 16 rows and one
+    direction that fits the target's SMs (one program per SM)."""
     rows = []
     sms = TARGETS[target]["sms"]
-    for cell in CELLS:
-        for dtype in DTYPES[:3]:  # fp64 is for reference runs, not a capacity question
-            best = (0, {})
-            held = single_program_blocks(cell, dtype, target)
-            if held:
-                block = max(held)
-                best = (block, dict(tier="single", block_b=BLOCK_B, block_h=block, block_r=block,
-                                    num_warps=held[block], num_stages=1, split=1))
-            for block_r, (block_h, num_warps) in split_blocks(cell, dtype, False, target).items():
-                hidden = min(block_r, sms * block_h)
-                if hidden > best[0]:
-                    best = (hidden, dict(tier="split", block_b=BLOCK_B, block_h=block_h, block_r=block_r,
-                                         num_warps=num_warps, num_stages=1, split=-(-hidden // block_h)))
-            hidden, config = best
-            if config:
-                res = forward_resources(cell, dtype, False, BLOCK_B, config["block_h"], config["block_r"],
-                                        config["num_warps"], 1, target,
-                                        split=1 if config["split"] == 1 else config["block_r"] // config["block_h"])
-                config.update(regs=res.regs, spill_bytes=res.stack + res.local, shared_bytes=res.shared)
-            rows.append({"cell": cell, "dtype": dtype_name(dtype), "pass": "forward", "target": target,
-                         "max_hidden": hidden, "config": config})
+    # fp64 is for reference runs, not a capacity question
+    for pass_, cell, dtype in ((p, c, d) for p in passes for c in CELLS for d in DTYPES[:3]):
+        best = (0, {})
+        held = single_program_blocks(cell, dtype, target, pass_)
+        if held:
+            block = max(held)
+            best = (block, dict(tier="single", block_b=BLOCK_B, block_h=block, block_r=block,
+                                num_warps=held[block], num_stages=1, split=1))
+        for block_r, (block_h, num_warps) in split_blocks(cell, dtype, False, target, pass_).items():
+            hidden = min(block_r, sms * block_h)
+            if hidden > best[0]:
+                best = (hidden, dict(tier="split", block_b=BLOCK_B, block_h=block_h, block_r=block_r,
+                                     num_warps=num_warps, num_stages=1, split=-(-hidden // block_h)))
+        hidden, config = best
+        if config:
+            res = kernel_resources(cell, dtype, False, BLOCK_B, config["block_h"], config["block_r"],
+                                   config["num_warps"], 1, target,
+                                   split=1 if config["split"] == 1 else config["block_r"] // config["block_h"],
+                                   pass_=pass_)
+            config.update(regs=res.regs, spill_bytes=res.stack + res.local, shared_bytes=res.shared)
+        rows.append({"cell": cell, "dtype": dtype_name(dtype), "pass": pass_, "target": target,
+                     "max_hidden": hidden, "config": config})
     return rows
 
 
 def _shipped_entry(key):
-    cell, dtype, target = key
-    single = single_program_blocks(cell, dtype, target)
+    cell, dtype, target, pass_ = key
+    single = single_program_blocks(cell, dtype, target, pass_)
     if dtype == torch.float64:  # reference runs on small layers: no split tier
         return single, {}
-    split = {(cell, dtype_name(dtype), proj): split_blocks(cell, dtype, proj, target)
+    split = {(cell, dtype_name(dtype), proj): split_blocks(cell, dtype, proj, target, pass_)
              for proj in ((False, True) if cell == "lstm" else (False,))}
     return single, split
 
 
 def shipped_tables():
-    """What autotune/tables.py holds, per target. One process per (cell, dtype, target): each
-    search is a chain of compiles."""
-    keys = [(cell, dtype, target) for target in TARGETS for cell in CELLS for dtype in DTYPES]
+    """What autotune/tables.py holds, per target and pass. One process per (cell, dtype, target,
+    pass): each search is a chain of compiles."""
+    keys = [(cell, dtype, target, pass_) for target in TARGETS for pass_ in PASSES for cell in CELLS
+            for dtype in DTYPES]
     with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
         entries = list(pool.map(_shipped_entry, keys))
-    tables = {target: {"single": {}, "split": {}} for target in TARGETS}
-    for (cell, dtype, target), (single, split) in zip(keys, entries):
-        tables[target]["single"][(cell, dtype_name(dtype))] = single
-        tables[target]["split"].update({k: v for k, v in split.items() if v})
+    tables = {target: {pass_: {"single": {}, "split": {}} for pass_ in PASSES} for target in TARGETS}
+    for (cell, dtype, target, pass_), (single, split) in zip(keys, entries):
+        tables[target][pass_]["single"][(cell, dtype_name(dtype))] = single
+        tables[target][pass_]["split"].update({k: v for k, v in split.items() if v})
     return tables
 
 
@@ -190,10 +194,11 @@ def main(argv=None):
     if args.write:
         with open(os.path.join(os.path.dirname(__file__), "tables.py"), "w") as f:
             f.write('"""Generated by `python -m persistrnn.autotune.capacity --write`: do not edit by hand.\n\n'
-                    "TABLES[target]['single'][(cell, dtype)] = {block_h: num_warps}: the blocks one program holds\n"
-                    "on-chip (every block_r <= block_h too, for the LSTM with proj_size), and the warp count.\n"
-                    "TABLES[target]['split'][(cell, dtype, has_proj)] = {block_r: (block_h, num_warps)}: the split\n"
-                    "tier's block per width of the recurrent input. tests/test_aot.py re-checks them.\n"
+                    "TABLES[target][pass]: pass 'forward' (inference) or 'train' (forward with SAVE + backward).\n"
+                    "TABLES[target][pass]['single'][(cell, dtype)] = {block_h: num_warps}: the blocks one program\n"
+                    "holds on-chip (every block_r <= block_h too, for the LSTM with proj_size), and the warp count.\n"
+                    "TABLES[target][pass]['split'][(cell, dtype, has_proj)] = {block_r: (block_h, num_warps)}: the\n"
+                    "split tier's block per width of the recurrent input. tests/test_aot.py re-checks them.\n"
                     '"""\n\n' + text)
     print(text)
     return 0

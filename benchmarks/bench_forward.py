@@ -1,13 +1,15 @@
-"""Forward benchmark: persistrnn's kernels against torch.nn (cuDNN), side by side in one run.
+"""Layer benchmark: persistrnn's kernels against torch.nn (cuDNN), side by side in one run.
 
-    persistrnn bench [--batch 1 8 64] [--hidden 128 256 512] [--seq 512] [--dtype float16 bfloat16]
+    persistrnn bench [--mode forward train] [--batch 1 8 64] [--hidden 128 256 512] [--seq 512]
+                     [--dtype float16 bfloat16]
     python -m persistrnn.benchmarks.bench_forward ...
 
-Each case times one layer forward (inference, no grad) of ours and of torch.nn on the same
-weights and input, alternating, with CUDA events around each call after warm-up; the table gives
-medians and the ratio torch/ours (> 1: we are faster). A report (markdown, plus a pyperf suite
-when pyperf is installed) goes to benchmarks/results/<device>/. Without a GPU it says so and
-exits 0.
+Mode "forward": one layer forward (inference, no grad). Mode "train": one training step of the
+layer, forward and backward (every weight gradient, from a fixed random output gradient). Each
+case times ours and torch.nn on the same weights and input, alternating, with CUDA events
+around each call after warm-up; the table gives medians and the ratio torch/ours (> 1: we are
+faster). A report per mode (markdown, JSON, plus a pyperf suite when pyperf is installed) goes to
+benchmarks/results/<device>/. Without a GPU it says so and exits 0.
 """
 import argparse
 import json
@@ -25,6 +27,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="persistrnn bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", nargs="+", default=["forward", "train"], choices=["forward", "train"])
     p.add_argument("--cell", nargs="+", default=["lstm", "gru"], choices=["lstm", "gru"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 64])
     p.add_argument("--hidden", nargs="+", type=int, default=[128, 256, 512, 1024])
@@ -47,31 +50,41 @@ def _time_ms(fn):
     return start.elapsed_time(end)
 
 
-def bench_case(cell, batch, hidden, seq, input_size, dtype, warmup, repeat):
+def bench_case(mode, cell, batch, hidden, seq, input_size, dtype, warmup, repeat):
     import persistrnn
     cls = persistrnn.LSTM if cell == "lstm" else persistrnn.GRU
-    layer = cls(input_size or hidden, hidden, device="cuda", dtype=dtype).eval()
+    layer = cls(input_size or hidden, hidden, device="cuda", dtype=dtype).train(mode == "train")
     x = torch.randn(seq, batch, input_size or hidden, device="cuda", dtype=dtype)
+    grad_y = torch.randn(seq, batch, hidden, device="cuda", dtype=dtype)
+
+    def step():
+        if mode == "forward":
+            with torch.inference_mode():
+                layer(x)
+        else:
+            layer.zero_grad(set_to_none=True)
+            layer(x)[0].backward(grad_y)
+
     runs = {"persistrnn": "triton", "torch.nn": "torch"}
     times = {name: [] for name in runs}
-    with torch.inference_mode():
-        for i in range(warmup + repeat):
-            for name, backend in runs.items():  # alternate, so drift hits both alike
-                with persistrnn.backend(backend):
-                    ms = _time_ms(lambda: layer(x))
-                if i >= warmup:
-                    times[name].append(ms)
-        with persistrnn.backend("triton"):
-            layer(x)
+    for i in range(warmup + repeat):
+        for name, backend in runs.items():  # alternate, so drift hits both alike
+            with persistrnn.backend(backend):
+                ms = _time_ms(step)
+            if i >= warmup:
+                times[name].append(ms)
+    with persistrnn.backend("triton"):
+        step()
     dispatch = layer.last_dispatch
     ours, ref = statistics.median(times["persistrnn"]), statistics.median(times["torch.nn"])
-    return dict(cell=cell, batch=batch, hidden=hidden, seq=seq, dtype=str(dtype).replace("torch.", ""),
+    return dict(mode=mode, cell=cell, batch=batch, hidden=hidden, seq=seq, dtype=str(dtype).replace("torch.", ""),
                 path=dispatch.path, reason=dispatch.reason, ms_persistrnn=ours, ms_torch=ref,
                 speedup=ref / ours, times=times)
 
 
-def markdown(rows, device, command):
-    lines = [f"# Forward benchmark on {device}", "", f"Command: `{command}`", "",
+def markdown(rows, device, command, mode):
+    what = "Forward (inference)" if mode == "forward" else "Training step (forward + backward)"
+    lines = [f"# {what} benchmark on {device}", "", f"Command: `{command}`", "",
              f"torch {torch.__version__}, triton {__import__('triton').__version__}, "
              f"Python {platform.python_version()}. Medians of CUDA-event times; speedup = torch.nn / persistrnn.",
              "", "| cell | dtype | B | H | T | persistrnn ms | torch.nn ms | speedup | path |",
@@ -91,7 +104,7 @@ def _pyperf_suite(rows, path):
     benchmarks = []
     for r in rows:
         for impl, values in r["times"].items():
-            name = f"{r['cell']}-{r['dtype']}-B{r['batch']}-H{r['hidden']}-T{r['seq']}-{impl}"
+            name = f"{r['mode']}-{r['cell']}-{r['dtype']}-B{r['batch']}-H{r['hidden']}-T{r['seq']}-{impl}"
             run = pyperf.Run([v / 1e3 for v in values], metadata={"name": name, "unit": "second"},
                              collect_metadata=False)
             benchmarks.append(pyperf.Benchmark([run]))
@@ -103,22 +116,28 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("no CUDA GPU here: the forward benchmark needs one; nothing measured")
+        print("no CUDA GPU here: the benchmark needs one; nothing measured")
         return 0
     device = torch.cuda.get_device_name()
-    rows = [bench_case(cell, b, h, args.seq, args.input_size, DTYPES[dt], args.warmup, args.repeat)
-            for cell in args.cell for dt in args.dtype for h in args.hidden for b in args.batch]
     command = " ".join(["persistrnn bench", *argv])
-    report = markdown(rows, device, command)
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-"))
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "forward.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(out, "forward.json"), "w") as f:
-        json.dump(dict(device=device, command=command, rows=rows), f, indent=1)
-    _pyperf_suite(rows, os.path.join(out, "forward.pyperf.json"))
-    print(json.dumps(rows) if args.json else report)
+    all_rows = []
+    for mode in args.mode:
+        rows = [bench_case(mode, cell, b, h, args.seq, args.input_size, DTYPES[dt], args.warmup, args.repeat)
+                for cell in args.cell for dt in args.dtype for h in args.hidden for b in args.batch]
+        report = markdown(rows, device, command, mode)
+        with open(os.path.join(out, f"{mode}.md"), "w") as f:
+            f.write(report)
+        with open(os.path.join(out, f"{mode}.json"), "w") as f:
+            json.dump(dict(device=device, command=command, rows=rows), f, indent=1)
+        _pyperf_suite(rows, os.path.join(out, f"{mode}.pyperf.json"))
+        if not args.json:
+            print(report)
+        all_rows += rows
+    if args.json:
+        print(json.dumps(all_rows))
     return 0
 
 

@@ -81,10 +81,11 @@ def target_of(device):
     return target if target and smem >= TARGETS[target]["smem"] else None
 
 
-def single_program_config(cell, dtype, hidden_size, proj_size, target="sm_90"):
+def single_program_config(cell, dtype, hidden_size, proj_size, target="sm_90", pass_="forward"):
     """The single-program config for these sizes, or None if its weights do not fit on-chip.
-    The blocks and warp counts come from the ahead-of-time compile (autotune/tables.py)."""
-    held = TABLES[target]["single"][(cell, dtype_name(dtype))]
+    The blocks and warp counts come from the ahead-of-time compile (autotune/tables.py); pass_
+    "train" asks for a config whose forward (saving) and backward kernels both fit."""
+    held = TABLES[target][pass_]["single"][(cell, dtype_name(dtype))]
     block_h = block_for(hidden_size)
     if block_h not in held:
         return None
@@ -92,9 +93,9 @@ def single_program_config(cell, dtype, hidden_size, proj_size, target="sm_90"):
                         num_warps=held[block_h])
 
 
-def split_program_config(cell, dtype, hidden_size, proj_size, target="sm_90"):
+def split_program_config(cell, dtype, hidden_size, proj_size, target="sm_90", pass_="forward"):
     """The split tier's config for these sizes, or None if no block holds its slice on-chip."""
-    held = TABLES[target]["split"].get((cell, dtype_name(dtype), proj_size > 0), {})
+    held = TABLES[target][pass_]["split"].get((cell, dtype_name(dtype), proj_size > 0), {})
     found = held.get(block_for(proj_size or hidden_size))
     if found is None or found[0] >= hidden_size:
         return None
@@ -103,18 +104,21 @@ def split_program_config(cell, dtype, hidden_size, proj_size, target="sm_90"):
                         num_warps=num_warps)
 
 
-def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target="sm_90"):
-    """(config, None), or (None, why no kernel config holds these sizes on `target`). A pinned
+def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target="sm_90",
+                  pass_="forward"):
+    """(config, None), or (None, why no kernel config holds these sizes on `target`) for a pass:
+    "forward" (inference) or "train" (one config for the saving forward and the backward). A pinned
     config (pin_config) overrides the tables field by field, and raises if it cannot run."""
     pinned = _pinned.get() or {}
-    config = single_program_config(cell, dtype, hidden_size, proj_size, target)
+    config = single_program_config(cell, dtype, hidden_size, proj_size, target, pass_)
     if config is None or pinned.get("block_h", config.block_h) < hidden_size:
-        config = split_program_config(cell, dtype, hidden_size, proj_size, target) or config
+        config = split_program_config(cell, dtype, hidden_size, proj_size, target, pass_) or config
     if config is None and "block_h" not in pinned:
-        single = max(TABLES[target]["single"][(cell, dtype_name(dtype))], default=0)
+        single = max(TABLES[target][pass_]["single"][(cell, dtype_name(dtype))], default=0)
+        kernels = "forward and backward kernels" if pass_ == "train" else "forward kernel"
         return None, (f"hidden_size={hidden_size}{f', proj_size={proj_size}' if proj_size else ''} does not fit "
-                      f"on-chip for {cell} {dtype} on {target}: one program holds at most {single}, and no "
-                      f"split block holds a recurrent input of {proj_size or hidden_size}")
+                      f"on-chip for {cell} {dtype} on {target} ({kernels}): one program holds at most {single}, "
+                      f"and no split block holds a recurrent input of {proj_size or hidden_size}")
     fields = dataclasses.asdict(config) if config else dict(block_b=BLOCK_B, num_warps=4, num_stages=1)
     fields.update(pinned)
     block_r = block_for(proj_size or hidden_size)
@@ -144,9 +148,6 @@ def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_d
     if name == "triton" and device.type != "cuda":
         raise RuntimeError(f"persistrnn backend 'triton' needs CUDA tensors, got {device.type} tensors "
                            "(use backend 'interpret' to run the kernels on CPU)")
-    if grad_needed:
-        return Dispatch("torch", "gradients are needed and the backward kernels are not built yet: "
-                                 "torch native computes them")
     if dtype not in KERNEL_DTYPES:
         return Dispatch("torch", f"no kernel for dtype {dtype}")
     if dtype != weight_dtype:  # only reachable under autocast, which torch handles
@@ -157,7 +158,8 @@ def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_d
         return Dispatch("torch", f"no kernel tables for {props.name} (compute capability {props.major}.{props.minor}, "
                                  f"{props.shared_memory_per_block_optin // 1024} KB shared memory per block)")
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
-    config, why = kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target)
+    pass_ = "train" if grad_needed else "forward"
+    config, why = kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target, pass_)
     if config is None:
         return Dispatch("torch", why)
-    return Dispatch(name, "kernel", config)
+    return Dispatch(name, "kernels (forward saving for backward, backward)" if grad_needed else "kernel", config)

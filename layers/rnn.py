@@ -73,7 +73,7 @@ class _PersistentRNN:
                 num_layers=self.num_layers, dropout=self.dropout, training=self.training,
                 bidirectional=self.bidirectional, batch_first=self.batch_first,
                 hidden_size=self.hidden_size, proj_size=self.proj_size, config=dispatch.config,
-                interpret=dispatch.path == "interpret")
+                interpret=dispatch.path == "interpret", grad_needed=grad_needed)
 
         if isinstance(orig_input, PackedSequence):
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \

@@ -1,4 +1,5 @@
-"""On a GPU: the compiled kernels against cuDNN (torch.nn on CUDA) with the same weights."""
+"""On a GPU: the compiled kernels against cuDNN (torch.nn on CUDA) with the same weights: outputs,
+and gradients of a training step."""
 import pytest
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ def _pair(cell, hidden, dtype, kwargs):
     return ours.eval(), ref.eval()
 
 
-def _expected_config(layer, x):
+def _expected_config(layer, x, pass_="forward"):
     """The config the planner's tables give for this layer and input on this GPU (None: torch)."""
     device = x.device
     target = dispatch.target_of(device)
@@ -33,7 +34,8 @@ def _expected_config(layer, x):
     batch = x.shape[0] if layer.batch_first else x.shape[1]
     config, _ = dispatch.kernel_config(layer._cell, x.dtype, layer.hidden_size, layer.proj_size, batch,
                                        2 if layer.bidirectional else 1,
-                                       torch.cuda.get_device_properties(device).multi_processor_count, target)
+                                       torch.cuda.get_device_properties(device).multi_processor_count, target,
+                                       pass_)
     return config
 
 
@@ -106,3 +108,40 @@ def test_barrier_timeout_raises_on_the_gpu(monkeypatch):
     with torch.no_grad(), persistrnn.backend("triton"), persistrnn.pin_config(block_h=16):
         with pytest.raises(forward.BarrierTimeout):
             ours(x)
+
+
+def _gradients(layer, x, grad_y):
+    """d input, d h0 (d c0) and d every parameter of one training step with output gradient grad_y."""
+    x = x.detach().clone().requires_grad_()
+    h0 = torch.randn(layer.num_layers * (2 if layer.bidirectional else 1), x.shape[0 if layer.batch_first else 1],
+                     layer.proj_size or layer.hidden_size, device="cuda", dtype=x.dtype)
+    state = h0.requires_grad_()
+    if isinstance(layer, nn.LSTM):
+        state = (h0, torch.zeros(*h0.shape[:2], layer.hidden_size, device="cuda", dtype=x.dtype).requires_grad_())
+    out, hidden = layer(x, state)
+    hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+    loss = (out * grad_y).sum() + sum(h.float().square().sum() for h in hidden)
+    leaves = [x, *(state if isinstance(state, tuple) else (state,)), *layer.parameters()]
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("cell,hidden,kwargs", CASES + [("lstm", 512, {}), ("gru", 1024, {})])
+def test_gradients_match_cudnn(cell, hidden, kwargs, dtype):
+    ours, ref = _pair(cell, hidden, dtype, kwargs)
+    ours.train(), ref.train()
+    shape = (16, 64, 64) if kwargs.get("batch_first") else (64, 16, 64)
+    x = torch.randn(*shape, device="cuda", dtype=dtype)
+    grad_y = torch.randn(*shape[:2], (2 if kwargs.get("bidirectional") else 1) * (kwargs.get("proj_size") or hidden),
+                         device="cuda", dtype=dtype)
+    seed = torch.seed()
+    with persistrnn.backend("triton"):
+        torch.manual_seed(seed)
+        got = _gradients(ours, x, grad_y)
+    torch.manual_seed(seed)
+    want = _gradients(ref, x, grad_y)
+    assert ours.last_dispatch.path == ("triton" if _expected_config(ours, x, "train") else "torch"), \
+        ours.last_dispatch
+    names = ["input", "h0", "c0"][:len(got) - len(list(ours.parameters()))] + [n for n, _ in ours.named_parameters()]
+    for name, g, w in zip(names, got, want):
+        assert relative_error(g, w) <= tolerance(dtype, "cuda"), name

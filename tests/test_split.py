@@ -7,6 +7,7 @@ import triton.language as tl  # noqa: F401  (the interpreter needs tl in a jit f
 
 import persistrnn
 import persistrnn.kernels.forward as forward
+import persistrnn.kernels.skeleton as skeleton
 from persistrnn.kernels.forward import BarrierTimeout
 
 from conftest import TOL, assert_close_to_ref, make_pair, rel_err
@@ -53,8 +54,8 @@ def _run_split_lstm(monkeypatch):
 @pytest.fixture
 def sequential_programs(monkeypatch):
     """Run the grid's programs one after another, as the stock interpreter does."""
-    real = forward.interpreted
-    monkeypatch.setattr(forward, "interpreted", lambda kernel, concurrent=False: real(kernel))
+    real = skeleton.interpreted
+    monkeypatch.setattr(skeleton, "interpreted", lambda kernel, concurrent=False: real(kernel))
 
 
 @triton.jit

@@ -84,3 +84,31 @@ def test_counter_catches_a_kernel_that_rereads_weights_each_step():
         assert torch.allclose(out, T * w)
         counts.append(len(reads))
     assert counts == [2 * 16, 7 * 16]
+
+
+def backward_w_hh_reads(cell, T, B, monkeypatch):
+    """(elements of W_hh read by the backward kernel, W_hh's size) for one layer over T steps."""
+    import persistrnn.layers.autograd as autograd
+    ours, _ = make_pair(cell, 4, 16, torch.float32)
+    launches = []
+    real_launch = autograd.rnn_backward
+
+    def counting_launch(*args, **kwargs):
+        w_hh = args[8]
+        with count_reads(w_hh) as reads:
+            real_launch(*args, **kwargs)
+        launches.append((len(reads), w_hh.numel()))
+
+    monkeypatch.setattr(autograd, "rnn_backward", counting_launch)
+    with persistrnn.backend("interpret"):
+        ours(torch.randn(T, B, 4))[0].sum().backward()
+    assert ours.last_dispatch.path == "interpret" and len(launches) == 1
+    return launches[0]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_backward_reads_w_hh_once_per_sequence(cell, monkeypatch):
+    B = 20  # two batch tiles: each program reads W_hh once
+    short, numel = backward_w_hh_reads(cell, T=2, B=B, monkeypatch=monkeypatch)
+    long, _ = backward_w_hh_reads(cell, T=7, B=B, monkeypatch=monkeypatch)
+    assert short == long == 2 * numel
