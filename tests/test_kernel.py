@@ -1,4 +1,4 @@
-"""The forward launcher on its own: poisoned outputs, per-row lengths in both directions, batch tiles."""
+"""The launchers on their own: poisoned outputs, per-row lengths in both directions, batch tiles."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +6,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from persistrnn.kernels.forward import rnn_forward
 from persistrnn.layers.dispatch import single_program_config
-from persistrnn.layers.functional import _layer_weights
+from persistrnn.kernels.backward import rnn_backward
+from persistrnn.kernels.forward import SAVED
+from persistrnn.layers.functional import layer_weights
 
 from conftest import DTYPES, TOL, make_pair, rel_err
 
@@ -24,7 +26,7 @@ def test_launcher_writes_every_output_with_per_row_lengths(cell, proj, dtype):
     h0 = torch.randn(2, B, R, dtype=dtype)
     c0 = torch.randn(2, B, H, dtype=dtype)
 
-    w_ih, bias_x, w_hh, b_hn, w_hr = _layer_weights(cell, ours._flat_weights, 0, 2, True, proj > 0, H)
+    w_ih, bias_x, w_hh, b_hn, w_hr = layer_weights(cell, ours._flat_weights, 2, True, proj > 0, H)
     xproj = F.linear(x, w_ih, bias_x)
     # poison every output: a position the kernel fails to write stays NaN
     y = torch.full((T, B, 2 * R), float("nan"), dtype=dtype)
@@ -48,3 +50,55 @@ def test_launcher_writes_every_output_with_per_row_lengths(cell, proj, dtype):
     assert rel_err(h_n, want_h) <= TOL[dtype]
     if cell == "lstm":
         assert torch.isfinite(c_n).all() and rel_err(c_n, hidden[1]) <= TOL[dtype]
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 6), ("gru", 0)])
+def test_backward_launcher_writes_every_output_with_per_row_lengths(cell, proj, dtype):
+    """Forward with SAVE then backward, every output poisoned first: saved rows, dgates (zero past
+    each row's length), dh_t with proj_size, dh0 and dc0 all written; dh0/dc0 and the input
+    gradient (dgates @ W_ih) equal torch.nn's in float64."""
+    T, B, I, H = 6, 21, 5, 11
+    kwargs = dict(bidirectional=True, proj_size=proj) if proj else dict(bidirectional=True)
+    ours, ref = make_pair(cell, I, H, dtype, **kwargs)
+    R, G = proj or H, 4 if cell == "lstm" else 3
+    lengths = torch.randint(1, T + 1, (B,), dtype=torch.int32)
+    lengths[3] = T
+    x, h0, c0 = torch.randn(T, B, I, dtype=dtype), torch.randn(2, B, R, dtype=dtype), torch.randn(2, B, H, dtype=dtype)
+    dy, dh_n, dc_n = torch.randn(T, B, 2 * R, dtype=dtype), torch.randn_like(h0), torch.randn_like(c0)
+    w_ih, bias_x, w_hh, b_hn, w_hr = layer_weights(cell, ours._flat_weights, 2, True, proj > 0, H)
+    config = single_program_config(cell, dtype, H, proj, pass_="train")
+    blocks = dict(block_b=config.block_b, block_h=config.block_h, block_r=config.block_r,
+                  num_warps=config.num_warps, num_stages=1, interpret=True, allow_tf32=False)
+    nan = float("nan")
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    y, h_n, c_n = torch.empty(T, B, 2 * R, dtype=dtype), torch.empty_like(h0), torch.empty_like(c0)
+    saved = torch.full((T, B, 2, SAVED[cell], H), nan, dtype=state_dtype)
+    rnn_forward(cell, F.linear(x, w_ih, bias_x), w_hh, b_hn, w_hr, h0, c0 if cell == "lstm" else h0, lengths, y,
+                h_n, c_n if cell == "lstm" else h_n, saved=saved, **blocks)
+    assert torch.isfinite(saved).all()
+    dgates = torch.full((T, B, 2 * G * H), nan, dtype=dtype)
+    dh_all = torch.full_like(y, nan) if proj else None
+    dh0, dc0 = torch.full_like(h0, nan), torch.full_like(c0, nan)
+    rnn_backward(cell, dy, dh_n, dc_n if cell == "lstm" else dh_n, saved, y, h0, c0 if cell == "lstm" else h0,
+                 w_hh, w_hr, lengths, dgates, dh_all, dh0, dc0 if cell == "lstm" else dh0, **blocks)
+    past = torch.arange(T)[:, None] >= lengths[None, :]
+    assert torch.isfinite(dgates).all() and (dgates[past] == 0).all()
+    if proj:
+        assert torch.isfinite(dh_all).all() and (dh_all[past] == 0).all()
+
+    x64 = x.double().requires_grad_()
+    h64 = h0.double().requires_grad_()
+    c64 = c0.double().requires_grad_()
+    out, hidden = ref(pack_padded_sequence(x64, lengths, enforce_sorted=False), (h64, c64) if cell == "lstm" else h64)
+    out, _ = pad_packed_sequence(out, total_length=T)
+    hidden = hidden if cell == "lstm" else (hidden,)
+    loss = (out * dy.double()).sum() + (hidden[0] * dh_n.double()).sum()
+    if cell == "lstm":
+        loss = loss + (hidden[1] * dc_n.double()).sum()
+    want_dx, want_dh0, *want_dc0 = torch.autograd.grad(loss, [x64, h64] + ([c64] if cell == "lstm" else []))
+    assert rel_err(dgates.double() @ w_ih.double(), want_dx) <= TOL[dtype]
+    assert rel_err(dh0, want_dh0) <= TOL[dtype]
+    if cell == "lstm":
+        assert torch.isfinite(dc0).all() and rel_err(dc0, want_dc0[0]) <= TOL[dtype]
