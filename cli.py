@@ -122,9 +122,9 @@ def cmd_capacity(args):
 
 
 def cmd_bench(argv):
-    """Forward benchmark against torch.nn (cuDNN); needs a GPU."""
-    from persistrnn.benchmarks import bench_forward
-    return bench_forward.main(argv)
+    """Forward and training-step benchmark against torch.nn (cuDNN); needs a GPU."""
+    from persistrnn.benchmarks import bench_layer
+    return bench_layer.main(argv)
 
 
 def build_parser():
@@ -142,7 +142,7 @@ def build_parser():
     p.add_argument("--target", choices=["sm_80", "sm_90"], default="sm_90")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_capacity)
-    # listed for --help; main() hands its arguments to benchmarks/bench_forward.py untouched
+    # listed for --help; main() hands its arguments to benchmarks/bench_layer.py untouched
     sub.add_parser("bench", help=cmd_bench.__doc__, add_help=False)
     return parser
 

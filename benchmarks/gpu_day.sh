@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a session that is lent a GPU (the device tool): GPU tests against cuDNN, then
-# the forward benchmark, reports under benchmarks/results/<device>/ (and copied to $OUT if set).
+# the benchmark (forward and training step), reports under benchmarks/results/<device>/ (and copied to $OUT if set).
 #
 # The device image has torch, triton and numpy but not pytest: carry it as wheels. Here, once:
 #   echo /.whl/ >> .git/info/exclude

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from .cells import LSTM, gru_cell_backward, lstm_cell_backward
-from .skeleton import (MAX_SPIN, _barrier, _k_chunks, _load_w_chunks, _recurrent_dot, kernel_constexprs,  # noqa: F401
-                       launch, split_scratch, state_dtype)
+from .skeleton import (MAX_SPIN, _barrier, _k_chunks, _load_w_chunks, _program_tile, _recurrent_dot,  # noqa: F401
+                       kernel_constexprs, launch, split_scratch, state_dtype)
 
 
 @triton.jit
@@ -55,20 +55,11 @@ def _rnn_backward_kernel(
 ):
     G: tl.constexpr = 4 if CELL == LSTM else 3
     S: tl.constexpr = 5 if CELL == LSTM else 4  # saved values per hidden unit (forward.SAVED)
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    direction = tl.program_id(2)
-
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    pid_b, pid_h, direction, offs_b, offs_h, offs_r, mask_b, mask_h, mask_r, length = _program_tile(
+        lengths_ptr, B, H, R, BLOCK_B, BLOCK_H, BLOCK_R)
     offs_b64 = offs_b.to(tl.int64)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # my hidden units
-    offs_r = tl.arange(0, BLOCK_R)  # the whole recurrent input
-    mask_b = offs_b < B
-    mask_h = offs_h < H
-    mask_r = offs_r < R
     mask_bh = mask_b[:, None] & mask_h[None, :]
     mask_br = mask_b[:, None] & mask_r[None, :]
-    length = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
 
     # Recurrent weights: read from memory once, kept on-chip for all T steps.
     w_hh_dir = w_hh_ptr + direction * (G * H * R)

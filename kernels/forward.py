@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, gru_cell, lstm_cell
-from .skeleton import (MAX_SPIN, BarrierTimeout, _barrier, _k_chunks, _load_w_chunks, _recurrent_dot,  # noqa: F401
-                       kernel_constexprs, launch, split_scratch, state_dtype)
+from .skeleton import (MAX_SPIN, BarrierTimeout, _barrier, _k_chunks, _load_w_chunks, _program_tile,  # noqa: F401
+                       _recurrent_dot, kernel_constexprs, launch, split_scratch, state_dtype)
 
 # what the forward saves for the backward, per row, step and direction: H values each
 SAVED = {"lstm": 5, "gru": 4}
@@ -42,10 +42,10 @@ def _gate_preact(x_row_ptr, gate, H, mask, h_chunks, w_chunks, BLOCK_R: tl.const
 
 
 @triton.jit
-def _save(saved_ptr, y_t, offs_b, offs_h, mask_bh, active, direction, B, H, stride_st, stride_sb,
+def _save(saved_ptr, y_t, offs_b, offs_h, mask_bh, active, direction, H, stride_st, stride_sb,
           a0, a1, a2, a3, a4, N: tl.constexpr):
-    """Store the first N of a0..a4 (my hidden units) in saved[y_t, b, direction, 0..N-1, :]:
-    the values while active, zeros past the row's length."""
+    """Store the first N (4 or 5) of a0..a4 (my hidden units) in saved[y_t, b, direction, 0..N-1, :]:
+    the values while active, zeros past the row's length. With N == 4, a4 is not used."""
     row = (saved_ptr + y_t[:, None].to(tl.int64) * stride_st + offs_b[:, None].to(tl.int64) * stride_sb
            + direction * (N * H) + offs_h[None, :])
     keep = active[:, None]
@@ -71,19 +71,10 @@ def _rnn_forward_kernel(
     G: tl.constexpr = 4 if CELL == LSTM else 3
     # with proj_size every program holds a partial of the full h_t: one xbuf slot per program
     SLOTS: tl.constexpr = SPLIT if HAS_PROJ else 1
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    direction = tl.program_id(2)
-
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # my hidden units
-    offs_r = tl.arange(0, BLOCK_R)  # the whole recurrent input h_{t-1}
-    mask_b = offs_b < B
-    mask_h = offs_h < H
-    mask_r = offs_r < R
+    pid_b, pid_h, direction, offs_b, offs_h, offs_r, mask_b, mask_h, mask_r, length = _program_tile(
+        lengths_ptr, B, H, R, BLOCK_B, BLOCK_H, BLOCK_R)
     mask_bh = mask_b[:, None] & mask_h[None, :]
     mask_br = mask_b[:, None] & mask_r[None, :]
-    length = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
 
     # Recurrent weights: read from memory once, kept on-chip for all T steps.
     w_hh_dir = w_hh_ptr + direction * (G * H * R)
@@ -132,7 +123,7 @@ def _rnn_forward_kernel(
                 _gate_preact(x_row, 3, H, m_x, h_mma, w_3, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION), c)
             c = tl.where(active[:, None], c_new, c)
             if SAVE:
-                _save(saved_ptr, y_t, offs_b, offs_h, mask_bh, active, direction, B, H, stride_st, stride_sb,
+                _save(saved_ptr, y_t, offs_b, offs_h, mask_bh, active, direction, H, stride_st, stride_sb,
                       i, f, g, o, c, 5)
             if HAS_PROJ:  # my hidden units' share of h_t = (o * tanh(c)) @ W_hr^T
                 h_new = tl.dot(h_cell.to(W_DTYPE).to(MMA_DTYPE), w_hr_t,
@@ -147,7 +138,7 @@ def _rnn_forward_kernel(
                 _gate_preact(x_row, 1, H, m_x, h_mma, w_1, BLOCK_R, BLOCK_K, STATE_DTYPE, INPUT_PRECISION),
                 x_n, hh_n, h_mine)
             if SAVE:
-                _save(saved_ptr, y_t, offs_b, offs_h, mask_bh, active, direction, B, H, stride_st, stride_sb,
+                _save(saved_ptr, y_t, offs_b, offs_h, mask_bh, active, direction, H, stride_st, stride_sb,
                       r, z, n, hh_n, hh_n, 4)
 
         xbuf = xbuf_ptr + ((step % 2) * tl.num_programs(2) + direction) * (SLOTS * B * R) + offs_b[:, None] * R

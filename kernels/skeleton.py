@@ -56,6 +56,23 @@ def _recurrent_dot(h_chunks, w_chunks, BLOCK_R: tl.constexpr, BLOCK_K: tl.conste
 
 
 @triton.jit
+def _program_tile(lengths_ptr, B, H, R, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Where a program of the grid (batch tiles, SPLIT, D) works: its ids, its batch rows,
+    its hidden units, the whole recurrent input's columns, their masks, and each row's length."""
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    direction = tl.program_id(2)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # my hidden units
+    offs_r = tl.arange(0, BLOCK_R)  # the whole recurrent input
+    mask_b = offs_b < B
+    mask_h = offs_h < H
+    mask_r = offs_r < R
+    length = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
+    return pid_b, pid_h, direction, offs_b, offs_h, offs_r, mask_b, mask_h, mask_r, length
+
+
+@triton.jit
 def _barrier(counter_ptr, target, alive, MAX_SPIN):
     """Arrive, then wait until `target` programs have arrived, for at most MAX_SPIN polls.
     Returns False on timeout; a program that timed out before (alive False) no longer waits."""

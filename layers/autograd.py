@@ -68,11 +68,10 @@ class PersistentLayer(torch.autograd.Function):
         cell, D, H, R = layer.cell, layer.num_directions, layer.hidden_size, layer.real_hidden_size
         G = 4 if cell == "lstm" else 3
         w_ih, _, w_hh, _, w_hr = layer_weights(cell, weights, D, layer.has_bias, layer.has_proj, H)
-        # autograd passes None for outputs that took no part in the loss
-        dy = torch.zeros_like(y) if dy is None else dy
-        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
+        # autograd materializes the gradients of unused outputs as zeros
+        dh_n = dh_n.contiguous()
         if cell == "lstm":
-            dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
+            dc_n = dc_n.contiguous()
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         dgates = x.new_empty(*x.shape[:2], D * G * H)
@@ -90,12 +89,13 @@ class PersistentLayer(torch.autograd.Function):
 
         rows = dgates.reshape(-1, D * G * H)  # one row per (t, b), in x's layout
         dx = (rows @ w_ih).reshape(x.shape) if ctx.needs_input_grad[1] else None
+        if not any(ctx.needs_input_grad[5:]):  # frozen weights: no weight GEMMs
+            return (None, dx, None, dh0, dc0, *(None for _ in weights))
         dw_ih = rows.t() @ x.reshape(-1, x.shape[-1])
         db_ih = rows.sum(0)
         if cell == "gru":  # the n gate's h side: r * (W_hn h + b_hn)
-            r = saved[..., 0, :].reshape(*x.shape[:2], D * H)
             dgates_h = dgates.clone().view(*x.shape[:2], D, G, H)
-            dgates_h[..., 2, :] *= r.view(*x.shape[:2], D, H)
+            dgates_h[..., 2, :] *= saved[..., 0, :]
             rows_h = dgates_h.reshape(-1, D * G * H)
         else:
             rows_h = rows

@@ -23,6 +23,21 @@ def fresh_seed(request):
 
 
 @pytest.fixture
+def launches(monkeypatch):
+    """The keyword arguments of every forward kernel launch (the launcher still runs)."""
+    import persistrnn.layers.functional as functional
+    calls = []
+    real = functional.rnn_forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "rnn_forward", counting)
+    return calls
+
+
+@pytest.fixture
 def interpret():
     with persistrnn.backend("interpret"):
         yield

@@ -11,20 +11,6 @@ from persistrnn.autotune.tables import TABLES
 from conftest import make_pair, rel_err
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """Counts real kernel launches (the launcher still runs)."""
-    calls = []
-    real = functional.rnn_forward
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(functional, "rnn_forward", counting)
-    return calls
-
-
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_kernel_runs_once_per_layer(cell, launches, interpret):
     ours, _ = make_pair(cell, 4, 8, torch.float32, num_layers=3, bidirectional=True)
@@ -62,6 +48,24 @@ def test_grad_enabled_runs_the_training_kernels(cell, launches, interpret, monke
     assert len(backward_calls) == 2 and all(call["interpret"] for call in backward_calls)
     assert ours.last_dispatch.path == "interpret" and "backward" in ours.last_dispatch.reason
     assert x.grad is not None and all(p.grad is not None for p in ours.parameters())
+
+
+def test_sizes_that_fit_only_for_inference_train_on_torch_visibly(launches, interpret):
+    """LSTM fp32 H=33, proj_size=1: one program holds it for inference (block 64) but not with the
+    backward (train tables hold 32), and the split tier has no block for a recurrent width of 1."""
+    ours, ref = make_pair("lstm", 4, 33, torch.float64, proj_size=1)
+    ours.float()
+    x = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        ours(x)
+    assert ours.last_dispatch.path == "interpret" and len(launches) == 1
+    x = x.requires_grad_()
+    ours(x)[0].square().sum().backward()
+    assert len(launches) == 1 and ours.last_dispatch.path == "torch"
+    assert "forward and backward kernels" in ours.last_dispatch.reason
+    x_ref = x.detach().double().requires_grad_()
+    ref(x_ref)[0].square().sum().backward()
+    assert rel_err(x.grad, x_ref.grad) < 1e-5
 
 
 def test_inference_mode_runs_the_kernel(launches, interpret):
@@ -137,3 +141,14 @@ def test_gpus_with_less_shared_memory_than_the_tables_run_torch(monkeypatch):
     props.shared_memory_per_block_optin = 227 * 1024
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert dispatch.target_of(cuda) == "sm_90"
+
+
+def test_autocast_runs_torch_visibly(interpret):
+    """Under autocast the input GEMM would be cast and the recurrence not: torch's rules apply.
+    (The plan alone: torch's own CPU LSTM rejects bf16 autocast.)"""
+    from persistrnn.layers.dispatch import plan
+    args = ("lstm", torch.device("cpu"), torch.float32, torch.float32, 8, 0, 2, 1)
+    assert plan(*args, grad_needed=True).path == "interpret"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dispatch = plan(*args, grad_needed=True)
+    assert dispatch.path == "torch" and "autocast" in dispatch.reason

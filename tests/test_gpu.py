@@ -101,12 +101,12 @@ def test_impossible_config_raises_instead_of_hanging():
 def test_barrier_timeout_raises_on_the_gpu(monkeypatch):
     """With no polls allowed, 32 programs cannot all meet at every one of 256 steps: the kernel
     must flag it and the host raise."""
-    import persistrnn.kernels.forward as forward
-    monkeypatch.setitem(forward.MAX_SPIN, "compiled", 0)
+    import persistrnn.kernels.skeleton as skeleton
+    monkeypatch.setitem(skeleton.MAX_SPIN, "compiled", 0)
     ours, _ = _pair("gru", 512, torch.float16, {})
     x = torch.randn(256, 16, 64, device="cuda", dtype=torch.float16)
     with torch.no_grad(), persistrnn.backend("triton"), persistrnn.pin_config(block_h=16):
-        with pytest.raises(forward.BarrierTimeout):
+        with pytest.raises(skeleton.BarrierTimeout):
             ours(x)
 
 
@@ -145,3 +145,25 @@ def test_gradients_match_cudnn(cell, hidden, kwargs, dtype):
     names = ["input", "h0", "c0"][:len(got) - len(list(ours.parameters()))] + [n for n, _ in ours.named_parameters()]
     for name, g, w in zip(names, got, want):
         assert relative_error(g, w) <= tolerance(dtype, "cuda"), name
+
+
+@pytest.mark.parametrize("hidden", [64, 512])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_packed_gradients_match_cudnn(cell, hidden):
+    """Per-row lengths in both directions, single program (64) and split tier (512 on sm_90)."""
+    ours, ref = _pair(cell, hidden, torch.float16, dict(bidirectional=True))
+    ours.train(), ref.train()
+    seqs = [torch.randn(n, 64, device="cuda", dtype=torch.float16) for n in (50, 7, 33, 1)]
+    grads = {}
+    for name, layer in (("ours", ours), ("ref", ref)):
+        data = [s.clone().requires_grad_() for s in seqs]
+        with persistrnn.backend("triton"):
+            out, _ = layer(pack_sequence(data, enforce_sorted=False))
+        torch.manual_seed(0)
+        loss = (out.data * torch.randn_like(out.data)).sum()
+        grads[name] = torch.autograd.grad(loss, data + list(layer.parameters()))
+    assert ours.last_dispatch.path == "triton", ours.last_dispatch
+    if hidden == 512 and torch.cuda.get_device_capability()[0] >= 9:
+        assert ours.last_dispatch.config.block_h < hidden
+    for g, w in zip(grads["ours"], grads["ref"]):
+        assert relative_error(g, w) <= tolerance(torch.float16, "cuda")

@@ -1,4 +1,4 @@
-"""The kernel reads W_hh from memory once per sequence, not once per step.
+"""The forward and backward kernels read W_hh from memory once per sequence, not once per step.
 
 Under the interpreter every load goes through InterpreterBuilder.create_masked_load; we record the
 addresses it reads and count those that fall inside W_hh. The count must not grow with T. A toy
@@ -39,29 +39,37 @@ def count_reads(tensor):
         InterpreterBuilder.create_masked_load = original
 
 
-def w_hh_reads(cell, T, B, monkeypatch):
-    """(elements of W_hh read, W_hh's size) for one forward of a layer over T steps."""
+def w_hh_reads(cell, T, B, monkeypatch, kernel="forward"):
+    """(elements of W_hh read, W_hh's size) for one layer over T steps, by the forward kernel or
+    (after a forward that saves) by the backward kernel."""
+    import persistrnn.layers.autograd as autograd
     ours, _ = make_pair(cell, 4, 16, torch.float32)
+    module, name, w_hh_index = (functional, "rnn_forward", 2) if kernel == "forward" else (autograd, "rnn_backward", 8)
     launches = []
-    real_launch = functional.rnn_forward
+    real_launch = getattr(module, name)
 
-    def counting_launch(cell, xproj, w_hh, *args, **kwargs):
-        with count_reads(w_hh) as reads:
-            real_launch(cell, xproj, w_hh, *args, **kwargs)
-        launches.append((len(reads), w_hh.numel()))
+    def counting_launch(*args, **kwargs):
+        with count_reads(args[w_hh_index]) as reads:
+            real_launch(*args, **kwargs)
+        launches.append((len(reads), args[w_hh_index].numel()))
 
-    monkeypatch.setattr(functional, "rnn_forward", counting_launch)
-    with persistrnn.backend("interpret"), torch.no_grad():
-        ours(torch.randn(T, B, 4))
+    monkeypatch.setattr(module, name, counting_launch)
+    with persistrnn.backend("interpret"):
+        if kernel == "forward":
+            with torch.no_grad():
+                ours(torch.randn(T, B, 4))
+        else:
+            ours(torch.randn(T, B, 4))[0].sum().backward()
     assert ours.last_dispatch.path == "interpret" and len(launches) == 1
     return launches[0]
 
 
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_w_hh_is_read_once_per_sequence(cell, monkeypatch):
+def test_w_hh_is_read_once_per_sequence(cell, kernel, monkeypatch):
     B = 20  # two batch tiles: each program reads W_hh once
-    short, numel = w_hh_reads(cell, T=2, B=B, monkeypatch=monkeypatch)
-    long, _ = w_hh_reads(cell, T=7, B=B, monkeypatch=monkeypatch)
+    short, numel = w_hh_reads(cell, T=2, B=B, monkeypatch=monkeypatch, kernel=kernel)
+    long, _ = w_hh_reads(cell, T=7, B=B, monkeypatch=monkeypatch, kernel=kernel)
     assert short == long == 2 * numel
 
 
@@ -85,30 +93,3 @@ def test_counter_catches_a_kernel_that_rereads_weights_each_step():
         counts.append(len(reads))
     assert counts == [2 * 16, 7 * 16]
 
-
-def backward_w_hh_reads(cell, T, B, monkeypatch):
-    """(elements of W_hh read by the backward kernel, W_hh's size) for one layer over T steps."""
-    import persistrnn.layers.autograd as autograd
-    ours, _ = make_pair(cell, 4, 16, torch.float32)
-    launches = []
-    real_launch = autograd.rnn_backward
-
-    def counting_launch(*args, **kwargs):
-        w_hh = args[8]
-        with count_reads(w_hh) as reads:
-            real_launch(*args, **kwargs)
-        launches.append((len(reads), w_hh.numel()))
-
-    monkeypatch.setattr(autograd, "rnn_backward", counting_launch)
-    with persistrnn.backend("interpret"):
-        ours(torch.randn(T, B, 4))[0].sum().backward()
-    assert ours.last_dispatch.path == "interpret" and len(launches) == 1
-    return launches[0]
-
-
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_backward_reads_w_hh_once_per_sequence(cell, monkeypatch):
-    B = 20  # two batch tiles: each program reads W_hh once
-    short, numel = backward_w_hh_reads(cell, T=2, B=B, monkeypatch=monkeypatch)
-    long, _ = backward_w_hh_reads(cell, T=7, B=B, monkeypatch=monkeypatch)
-    assert short == long == 2 * numel

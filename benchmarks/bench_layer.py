@@ -2,7 +2,7 @@
 
     persistrnn bench [--mode forward train] [--batch 1 8 64] [--hidden 128 256 512] [--seq 512]
                      [--dtype float16 bfloat16]
-    python -m persistrnn.benchmarks.bench_forward ...
+    python -m persistrnn.benchmarks.bench_layer ...
 
 Mode "forward": one layer forward (inference, no grad). Mode "train": one training step of the
 layer, forward and backward (every weight gradient, from a fixed random output gradient). Each
@@ -54,7 +54,8 @@ def bench_case(mode, cell, batch, hidden, seq, input_size, dtype, warmup, repeat
     import persistrnn
     cls = persistrnn.LSTM if cell == "lstm" else persistrnn.GRU
     layer = cls(input_size or hidden, hidden, device="cuda", dtype=dtype).train(mode == "train")
-    x = torch.randn(seq, batch, input_size or hidden, device="cuda", dtype=dtype)
+    # in a training step the input gradient is computed too (cuDNN always computes it)
+    x = torch.randn(seq, batch, input_size or hidden, device="cuda", dtype=dtype, requires_grad=mode == "train")
     grad_y = torch.randn(seq, batch, hidden, device="cuda", dtype=dtype)
 
     def step():
