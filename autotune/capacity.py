@@ -131,21 +131,27 @@ def split_blocks(cell, dtype, has_proj, target, pass_="forward"):
 
 # --- reports and the shipped tables --------------------------------------------------------
 
-def capacity_table(target="sm_90", passes=PASSES):
+def capacity_table(target="sm_90", passes=PASSES, parallel=True):
     """Rows of {cell, dtype, pass, target, max_hidden, config} per pass: the largest hidden size
     (no proj_size) either tier holds on-chip, with a grid of one batch tile of 16 rows and one
-    direction that fits the target's SMs (one program per SM)."""
+    direction that fits the target's SMs (one program per SM). parallel: one process per (pass,
+    cell, dtype), each search being a chain of compiles; else in this process (and its cache)."""
     rows = []
     sms = TARGETS[target]["sms"]
     # fp64 is for reference runs, not a capacity question
-    for pass_, cell, dtype in ((p, c, d) for p in passes for c in CELLS for d in DTYPES[:3]):
+    keys = [(cell, dtype, target, pass_) for pass_ in passes for cell in CELLS for dtype in DTYPES[:3]]
+    if parallel:
+        with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
+            searches = list(pool.map(_search, keys))
+    else:
+        searches = [_search(key) for key in keys]
+    for (cell, dtype, _, pass_), (held, split) in zip(keys, searches):
         best = (0, {})
-        held = single_program_blocks(cell, dtype, target, pass_)
         if held:
             block = max(held)
             best = (block, dict(tier="single", block_b=BLOCK_B, block_h=block, block_r=block,
                                 num_warps=held[block], num_stages=1, split=1))
-        for block_r, (block_h, num_warps) in split_blocks(cell, dtype, False, target, pass_).items():
+        for block_r, (block_h, num_warps) in split.get((cell, dtype_name(dtype), False), {}).items():
             hidden = min(block_r, sms * block_h)
             if hidden > best[0]:
                 best = (hidden, dict(tier="split", block_b=BLOCK_B, block_h=block_h, block_r=block_r,
@@ -162,14 +168,20 @@ def capacity_table(target="sm_90", passes=PASSES):
     return rows
 
 
-def _shipped_entry(key):
+def _search(key, with_proj=False):
+    """(single-program blocks, {(cell, dtype, has_proj): split widths}) of one (cell, dtype,
+    target, pass); the split tier with proj_size too if with_proj (LSTM)."""
     cell, dtype, target, pass_ = key
     single = single_program_blocks(cell, dtype, target, pass_)
     if dtype == torch.float64:  # reference runs on small layers: no split tier
         return single, {}
     split = {(cell, dtype_name(dtype), proj): split_blocks(cell, dtype, proj, target, pass_)
-             for proj in ((False, True) if cell == "lstm" else (False,))}
+             for proj in ((False, True) if cell == "lstm" and with_proj else (False,))}
     return single, split
+
+
+def _shipped_entry(key):
+    return _search(key, with_proj=True)
 
 
 def shipped_tables():

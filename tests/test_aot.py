@@ -126,7 +126,7 @@ def test_the_train_pass_sees_the_backward_spill():
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_capacity_rows(target):
     """The report's rows (forward pass: its search is what the maximality checks above compiled)."""
-    rows = capacity_table(target, passes=MAXIMAL)
+    rows = capacity_table(target, passes=MAXIMAL, parallel=False)  # the compiles are in this process's cache
     assert {(r["pass"], r["cell"], r["dtype"]) for r in rows} == {
         (p, c, d) for p in MAXIMAL for c in ("lstm", "gru") for d in ("float16", "bfloat16", "float32")}
     for r in rows:
