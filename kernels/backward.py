@@ -193,7 +193,8 @@ def rnn_backward(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengths, dg
     Shapes as rnn_forward's: dy and y (T, B, D*R); dh_n, h0, dh0 (D, B, R); dc_n, c0, dc0 (D, B, H);
     saved (T, B, D, SAVED[cell], H); dgates (T, B, D*G*H), written in full (zeros past each row's
     length); dh_all (T, B, D*R) with proj_size, written in full, else unused. (t, b) strides are
-    free, rows contiguous. Unused pointers (c for GRU, w_hr and dh_all without proj) may be any tensor."""
+    free, rows contiguous. What a layer does not use (dc_n, c0, dc0 for GRU; w_hr and dh_all
+    without proj) may be None."""
     T, B = dy.shape[0], dy.shape[1]
     D, _, R = w_hh.shape
     H = saved.shape[-1]
@@ -205,9 +206,10 @@ def rnn_backward(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengths, dg
     xbuf, counters, error = split_scratch(split, D, grid[0], (split, B, R), state_dtype(w_hh.dtype), dy.device)
     if max_spin is None:
         max_spin = MAX_SPIN["interpret" if interpret else "compiled"]
+    # unused pointers point at a tensor the kernel has anyway
     dh_all = dgates if dh_all is None else dh_all
-    args = (dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hh if w_hr is None else w_hr, lengths,
-            dgates, dh_all, dh0, dc0, xbuf, counters, error, T, B, H, R, max_spin,
+    args = (dy, dh_n, dh_n if dc_n is None else dc_n, saved, y, h0, h0 if c0 is None else c0, w_hh,
+            w_hh if w_hr is None else w_hr, lengths, dgates, dh_all, dh0, dh0 if dc0 is None else dc0, xbuf, counters, error, T, B, H, R, max_spin,
             dy.stride(0), dy.stride(1), saved.stride(0), saved.stride(1), y.stride(0), y.stride(1),
             dgates.stride(0), dgates.stride(1), dh_all.stride(0), dh_all.stride(1))
     launch(_rnn_backward_kernel, grid, args, constexprs, interpret=interpret, num_warps=num_warps,

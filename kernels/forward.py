@@ -179,8 +179,8 @@ def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *, 
                 block_b, block_h, block_r, num_warps, num_stages, interpret, allow_tf32, max_spin=None):
     """Launch one layer (all directions). Shapes: xproj (T, B, D*G*H) with any (t, b) strides and
     unit stride inside a row; w_hh (D, G*H, R); b_hn (D, H); w_hr (D, R, H); h0, h_n (D, B, R);
-    c0, c_n (D, B, H); lengths (B,) int32; y (T, B, D*R), same row rule as xproj. Unused pointers
-    (b_hn for LSTM, w_hr without projection, c0/c_n for GRU) may be any tensor.
+    c0, c_n (D, B, H); lengths (B,) int32; y (T, B, D*R), same row rule as xproj. What a layer does
+    not use (b_hn for LSTM, w_hr without projection, c0/c_n for GRU) may be None.
     saved: None, or (T, B, D, SAVED[cell], H) in the state dtype (same row rule), filled with what
     the backward needs (LSTM i, f, g, o, c; GRU r, z, n, W_hn h + b_hn per step).
     SPLIT = cdiv(H, block_h) programs share a batch tile; with SPLIT > 1 the caller must make sure
@@ -200,7 +200,9 @@ def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *, 
     if max_spin is None:
         max_spin = MAX_SPIN["interpret" if interpret else "compiled"]
     save = saved is not None
-    args = (xproj, w_hh, b_hn, w_hh if w_hr is None else w_hr, h0, c0, lengths, y, h_n, c_n,
+    # unused pointers point at a tensor the kernel has anyway
+    args = (xproj, w_hh, w_hh if b_hn is None else b_hn, w_hh if w_hr is None else w_hr, h0,
+            h0 if c0 is None else c0, lengths, y, h_n, h_n if c_n is None else c_n,
             saved if save else error, xbuf, counters, error, T, B, H, R, max_spin,
             xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1),
             saved.stride(0) if save else 0, saved.stride(1) if save else 0)

@@ -80,10 +80,10 @@ class PersistentLayer(torch.autograd.Function):
         dc0 = torch.empty_like(c0) if cell == "lstm" else None
         if dgates.shape[0] * dgates.shape[1] > 0:
             config, bf = layer.config, layer.batch_first
-            rnn_backward(cell, time_major(dy, bf), dh_n, dc_n if cell == "lstm" else dh_n, time_major(saved, bf),
-                         time_major(y, bf), h0, c0 if cell == "lstm" else h0, w_hh, w_hr, lengths,
-                         time_major(dgates, bf), None if dh_all is None else time_major(dh_all, bf), dh0,
-                         dc0 if cell == "lstm" else dh0, block_b=config.block_b, block_h=config.block_h,
+            rnn_backward(cell, time_major(dy, bf), dh_n, dc_n, time_major(saved, bf), time_major(y, bf), h0, c0,
+                         w_hh, w_hr, lengths, time_major(dgates, bf),
+                         None if dh_all is None else time_major(dh_all, bf), dh0, dc0,
+                         block_b=config.block_b, block_h=config.block_h,
                          block_r=config.block_r, num_warps=config.num_warps, num_stages=config.num_stages,
                          interpret=layer.interpret, allow_tf32=layer.allow_tf32)
 

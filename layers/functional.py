@@ -30,7 +30,8 @@ def cudnn_rnn_allows_tf32():
 
 def layer_weights(cell, weights, num_directions, has_bias, has_proj, hidden_size):
     """Stack one layer's per-direction weights (torch.nn's flat order: w_ih, w_hh[, b_ih, b_hh]
-    [, w_hr] per direction) into the kernel's layout: (w_ih, bias_x, w_hh, b_hn, w_hr)."""
+    [, w_hr] per direction) into the kernel's layout: (w_ih, bias_x, w_hh, b_hn, w_hr); b_hn is
+    None for the LSTM, w_hr None without proj_size."""
     per_dir = 2 + 2 * has_bias + has_proj
     dirs = [weights[d * per_dir:(d + 1) * per_dir] for d in range(num_directions)]
     H = hidden_size
@@ -38,11 +39,12 @@ def layer_weights(cell, weights, num_directions, has_bias, has_proj, hidden_size
     w_hh = torch.stack([w[1] for w in dirs]).contiguous()
     w_hr = torch.stack([w[-1] for w in dirs]).contiguous() if has_proj else None
     if not has_bias:
-        return w_ih, None, w_hh, torch.zeros(num_directions, H, dtype=w_hh.dtype, device=w_hh.device), w_hr
+        b_hn = torch.zeros(num_directions, H, dtype=w_hh.dtype, device=w_hh.device) if cell == "gru" else None
+        return w_ih, None, w_hh, b_hn, w_hr
     b_ih = torch.cat([w[2] for w in dirs])
     if cell == "lstm":
         bias_x = b_ih + torch.cat([w[3] for w in dirs])
-        b_hn = w_hh  # unused by the LSTM kernel
+        b_hn = None
     else:  # b_hr, b_hz fold into the input projection; b_hn stays inside r * (W_hn h + b_hn)
         bias_x = b_ih + torch.cat([torch.cat([w[3][:2 * H], torch.zeros_like(w[3][2 * H:])]) for w in dirs])
         b_hn = torch.stack([w[3][2 * H:] for w in dirs]).contiguous()
@@ -63,17 +65,17 @@ def layer_forward(layer, x, h0, c0, lengths, weights, *, save):
     xproj = F.linear(x, w_ih, bias_x)
     y = x.new_empty(*x.shape[:2], D * R)
     hn = torch.empty_like(h0)
-    cn = torch.empty_like(c0) if cell == "lstm" else hn
+    cn = torch.empty_like(c0) if cell == "lstm" else None
     saved = x.new_empty(*x.shape[:2], D, SAVED[cell], H, dtype=state_dtype(x.dtype)) if save else None
     if y.shape[0] * y.shape[1] > 0:  # an empty batch has nothing to launch
         config = layer.config
-        rnn_forward(cell, time_major(xproj, layer.batch_first), w_hh, b_hn, w_hr, h0,
-                    c0 if cell == "lstm" else h0, lengths, time_major(y, layer.batch_first), hn, cn,
+        rnn_forward(cell, time_major(xproj, layer.batch_first), w_hh, b_hn, w_hr, h0, c0, lengths,
+                    time_major(y, layer.batch_first), hn, cn,
                     saved=None if saved is None else time_major(saved, layer.batch_first),
                     block_b=config.block_b, block_h=config.block_h, block_r=config.block_r,
                     num_warps=config.num_warps, num_stages=config.num_stages, interpret=layer.interpret,
                     allow_tf32=layer.allow_tf32)
-    return y, hn, (cn if cell == "lstm" else None), saved
+    return y, hn, cn, saved
 
 
 def rnn(cell, input, batch_sizes, hx, flat_weights, *, has_bias, num_layers, dropout, training,

@@ -33,7 +33,7 @@ def test_launcher_writes_every_output_with_per_row_lengths(cell, proj, dtype):
     h_n = torch.full_like(h0, float("nan"))
     c_n = torch.full_like(c0, float("nan"))
     config = single_program_config(cell, dtype, H, proj)
-    rnn_forward(cell, xproj, w_hh, b_hn.contiguous(), w_hr, h0, c0 if cell == "lstm" else h0, lengths, y, h_n,
+    rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0 if cell == "lstm" else h0, lengths, y, h_n,
                 c_n if cell == "lstm" else h_n, block_b=config.block_b, block_h=config.block_h,
                 block_r=config.block_r, num_warps=config.num_warps, num_stages=1, interpret=True, allow_tf32=False)
 
