@@ -1,4 +1,4 @@
-"""The `persistrnn` command (also `python -m persistrnn`): demo, check, capacity, bench."""
+"""The `persistrnn` command (also `python -m persistrnn`): demo, check, capacity, inspect, bench."""
 import argparse
 import json
 import sys
@@ -121,6 +121,20 @@ def cmd_capacity(args):
     return 0
 
 
+def cmd_inspect(args):
+    """The compiled time loop of the kernel(s) the planner would launch for a layer, without a GPU:
+    config, registers, spills, shared memory, and the per-step instruction mix."""
+    from persistrnn.autotune.inspect import format_report, inspect_layer
+    try:
+        report = inspect_layer(args.cell, DTYPES[args.dtype], args.hidden_size, args.batch, args.bidirectional,
+                               args.proj_size, args.pass_, args.target, cubin_dir=args.cubin)
+    except ValueError as exc:
+        print(f"persistrnn inspect: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
 def cmd_bench(argv):
     """Forward and training-step benchmark against torch.nn (cuDNN); needs a GPU."""
     from persistrnn.benchmarks import bench_layer
@@ -142,6 +156,20 @@ def build_parser():
     p.add_argument("--target", choices=["sm_80", "sm_90"], default="sm_90")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_capacity)
+    p = sub.add_parser("inspect", help=cmd_inspect.__doc__, description=cmd_inspect.__doc__)
+    p.add_argument("--cell", choices=["lstm", "gru"], default="lstm")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--hidden-size", type=int, default=768)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--bidirectional", action="store_true")
+    p.add_argument("--proj-size", type=int, default=0, help="LSTM only")
+    p.add_argument("--pass", dest="pass_", choices=["forward", "train"], default="forward",
+                   help="forward: the inference kernel; train: the saving forward and the backward kernel")
+    p.add_argument("--target", choices=["sm_80", "sm_90"], default="sm_90")
+    p.add_argument("--cubin", metavar="DIR", default=None,
+                   help="write the compiled kernels to DIR/forward.cubin (and DIR/backward.cubin)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
     # listed for --help; main() hands its arguments to benchmarks/bench_layer.py untouched
     sub.add_parser("bench", help=cmd_bench.__doc__, add_help=False)
     return parser

@@ -50,14 +50,21 @@ def _cuobjdump():
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def resource_usage(cubin: bytes):
+def _cuobjdump_run(cubin: bytes, *flags):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+        return subprocess.run([_cuobjdump(), *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes):
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", _cuobjdump_run(cubin, "--dump-resource-usage")))
     return {k: int(v) for k, v in fields.items()}
+
+
+def disassemble(cubin: bytes):
+    """The SASS of a cubin, as `cuobjdump -sass` prints it."""
+    return _cuobjdump_run(cubin, "-sass")
 
 
 _resources = {}  # per process: config key -> Resources
@@ -103,12 +110,16 @@ def _compile(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_st
 
 
 def _compile_like_a_launch(kernel, cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages,
-                           capability, split, allow_tf32):
-    # Sizes this config is picked for: H = SPLIT * BLOCK_H units, R = BLOCK_R (with proj_size < H).
+                           capability, split, allow_tf32, shape=None):
+    # Sizes this config is picked for: H = SPLIT * BLOCK_H units, R = BLOCK_R (with proj_size < H);
+    # or a layer's own shape = (H, R, B, D).
     G = 4 if cell == "lstm" else 3
-    H = max(block_h * split, 16)
-    R = block_r if not has_proj or block_r < H else max(H - 16, 8)
-    T, B, D = 16, block_b, 1
+    if shape is None:
+        H = max(block_h * split, 16)
+        R = block_r if not has_proj or block_r < H else max(H - 16, 8)
+        shape = (H, R, block_b, 1)
+    H, R, B, D = shape
+    T = 16
     make = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt)  # noqa: E731
     xproj, y = make(T, B, D * G * H), make(T, B, D * R)
     w_hh, h0, c0 = make(D, G * H, R), make(D, B, R), make(D, B, H)

@@ -108,11 +108,30 @@ def _call_interpreted(self, *args, **kwargs):
     return interpreted(self)(*args, **kwargs)
 
 
+def _language_namespaces():
+    # what triton 3.6's interpreter patches (runtime/interpreter.py, _patch_lang)
+    return (tl, tl.core, tl.core.tensor, tl.math, tl.core.tensor_descriptor_base)
+
+
+def _snapshot():
+    return [(ns, dict(vars(ns))) for ns in _language_namespaces()]
+
+
+def _restore(snapshot):
+    """Undo what the interpreter left patched: triton 3.6 patches the language on every device-function
+    call (`InterpretedFunction.__call__`, e.g. tl.sigmoid) and never restores it, so a kernel compiled
+    in this process afterwards would be built by the interpreter's builder and fail."""
+    for ns, saved in snapshot:
+        for name, value in saved.items():
+            if vars(ns).get(name) is not value:
+                setattr(ns, name, value)
+
+
 @contextlib.contextmanager
 def interpreting():
     """Within this block, `interpreted(kernel)[grid](...)` runs `kernel` on CPU tensors."""
     with _lock:  # the interpreter patches triton.language globally: one launch at a time
-        saved_call, saved_knob = JITFunction.__call__, triton.knobs.runtime.interpret
+        saved_call, saved_knob, saved_language = JITFunction.__call__, triton.knobs.runtime.interpret, _snapshot()
         JITFunction.__call__ = _call_interpreted
         triton.knobs.runtime.interpret = True
         try:
@@ -120,3 +139,4 @@ def interpreting():
         finally:
             JITFunction.__call__ = saved_call
             triton.knobs.runtime.interpret = saved_knob
+            _restore(saved_language)

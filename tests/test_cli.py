@@ -27,7 +27,7 @@ def test_check_passes_and_fails(capsys):
 
 
 def test_python_dash_m_and_help():
-    for command in ([], ["demo"], ["check"], ["capacity"], ["bench"]):
+    for command in ([], ["demo"], ["check"], ["capacity"], ["inspect"], ["bench"]):
         out = subprocess.run([sys.executable, "-m", "persistrnn", *command, "--help"], capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr
@@ -38,3 +38,24 @@ def test_python_dash_m_and_help():
 def test_bench_without_gpu_says_so_and_exits_0(argv, capsys):
     assert main(argv) == 0
     assert "no CUDA GPU" in capsys.readouterr().out
+
+
+def test_inspect_reads_the_compiled_time_loop(tmp_path, capsys):
+    """No GPU needed: the config the planner picks, resources, and a time loop with MMA in it;
+    --cubin writes both kernels of the train pass."""
+    assert main(["inspect", "--json", "--cell", "gru", "--hidden-size", "64", "--pass", "train",
+                 "--cubin", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layer"]["cell"] == "gru" and report["config"]["block_h"] >= 16
+    assert set(report["kernels"]) == {"forward", "backward"}
+    for kernel in report["kernels"].values():
+        assert kernel["spill_bytes"] == 0 and kernel["shared_bytes"] <= kernel["shared_limit"]
+        loop = kernel["time_loop"]
+        assert loop["instructions"] > 0 and sum(loop["mma"].values()) > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backward.cubin", "forward.cubin"]
+    assert (tmp_path / "forward.cubin").read_bytes()[:4] == b"\x7fELF"
+
+
+def test_inspect_names_a_layer_no_kernel_holds(capsys):
+    assert main(["inspect", "--dtype", "float64", "--hidden-size", "4096"]) == 2
+    assert "no kernel runs this layer" in capsys.readouterr().err

@@ -29,6 +29,22 @@ def test_nested_helpers_run_and_state_is_restored():
     assert JITFunction.__call__ is saved and not triton.knobs.runtime.interpret
 
 
+def test_the_language_is_restored_so_kernels_still_compile():
+    """triton 3.6's interpreter leaves triton.language patched after a device-function call
+    (tl.sigmoid here, through tanh); interpreting() restores it, so a kernel compiled in this
+    process afterwards still compiles. Without the restore the compile below fails."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    arange, sigmoid = tl.core.arange, tl.sigmoid
+    x = torch.randn(16)
+    with interpreting():
+        interpreted(_tanh_kernel)[(1,)](x, torch.empty(16), N=16)
+    assert tl.core.arange is arange and tl.sigmoid is sigmoid
+    src = ASTSource(_tanh_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "N": "constexpr"}, {"N": 16})
+    assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+
+
 def test_state_is_restored_after_an_error():
     saved = JITFunction.__call__
     with pytest.raises(Exception):
