@@ -25,6 +25,9 @@ from ..kernels.forward import SAVED, _rnn_forward_kernel
 from ..kernels.skeleton import MAX_SPIN, kernel_constexprs, state_dtype
 
 PASSES = ("forward", "train")
+# the kernels of a pass, and the single kernels a search may ask about on their own
+KERNELS = {"forward": ("forward",), "train": ("forward_save", "backward"), "forward_save": ("forward_save",),
+           "backward": ("backward",)}
 
 # per target: compute capability, SM count, shared memory per block (bytes)
 TARGETS = {
@@ -40,10 +43,11 @@ class Resources:
     local: int
     shared: int
     smem_limit: int
+    failed: bool = False  # the compiler rejected the config (then nothing else is measured)
 
     @property
     def on_chip(self):
-        return self.stack == 0 and self.local == 0 and self.shared <= self.smem_limit
+        return not self.failed and self.stack == 0 and self.local == 0 and self.shared <= self.smem_limit
 
 
 def _cuobjdump():
@@ -70,18 +74,18 @@ def disassemble(cubin: bytes):
 _resources = {}  # per process: config key -> Resources
 
 
-def kernel_resources(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages,
-                     target="sm_90", split=1, pass_="forward"):
-    """Compile the kernels of one pass ("forward" or "train") for one config and report what they
-    use on `target`, the worse of the two kernels for "train" (cached)."""
-    key = (cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages, target, split, pass_)
+def kernel_resources(cell, dtype, has_proj, config, width, target="sm_90", split=1, pass_="forward"):
+    """Compile the kernels of one pass ("forward" or "train", or one kernel: "forward_save",
+    "backward") for one KernelConfig, a recurrent input of `width` (hidden or proj size) and SPLIT
+    programs, and report what they use on `target`: the worse of the two kernels for "train" (cached)."""
+    key = (cell, dtype, has_proj, config, width, target, split, pass_)
     if key not in _resources:
         _resources[key] = _compile(*key)
     return _resources[key]
 
 
 def prefetch(keys, workers=None):
-    """Compile many configs (tuples of kernel_resources' arguments, all eleven) on all cores."""
+    """Compile many configs (tuples of kernel_resources' arguments, all eight) on all cores."""
     missing = sorted({tuple(k) for k in keys} - set(_resources), key=str)
     if missing:
         with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count()) as pool:
@@ -92,62 +96,76 @@ def _compile_key(key):
     return _compile(*key)
 
 
-def _compile(cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages, target, split, pass_):
+def representative_shape(has_proj, config, width, split):
+    """(H, R, B, D) of the layer a config is picked for: H = SPLIT * BLOCK_H units, R = width
+    (with proj_size, R < H), one batch tile of one direction."""
+    H = max(config.block_h * split, 16)
+    R = width if not has_proj or width < H else max(H - 16, 8)
+    return H, R, config.block_b, 1
+
+
+def _compile(cell, dtype, has_proj, config, width, target, split, pass_):
     """Compile as a launch would, specializing on representative arguments (sizes and strides
     divisible by 16, aligned pointers); fp32 both with TF32 and IEEE dots, keeping the worse."""
-    spec = TARGETS[target]
     worst = None
-    kernels = ("forward",) if pass_ == "forward" else ("forward_save", "backward")
+    kernels = KERNELS[pass_]
+    shape = representative_shape(has_proj, config, width, split)
     for kernel, allow_tf32 in ((k, a) for k in kernels for a in ((True, False) if dtype == torch.float32 else (False,))):
-        compiled = _compile_like_a_launch(kernel, cell, dtype, has_proj, block_b, block_h, block_r, num_warps,
-                                          num_stages, spec["capability"], split, allow_tf32)
-        usage = resource_usage(compiled.asm["cubin"])
-        res = Resources(regs=usage.get("REG", 0), stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0),
-                        shared=compiled.metadata.shared, smem_limit=spec["smem"])
+        try:
+            compiled = compile_kernel(kernel, cell, dtype, has_proj, config, shape, target, allow_tf32)
+        except Exception:  # noqa: BLE001 - a config the compiler rejects is not held (its error is on stderr)
+            return Resources(0, 0, 0, 0, TARGETS[target]["smem"], failed=True)
+        res = resources_of(compiled, target)
         worst = res if worst is None else Resources(*(max(a, b) for a, b in zip(
             dataclasses.astuple(worst), dataclasses.astuple(res))))
     return worst
 
 
-def _compile_like_a_launch(kernel, cell, dtype, has_proj, block_b, block_h, block_r, num_warps, num_stages,
-                           capability, split, allow_tf32, shape=None):
-    # Sizes this config is picked for: H = SPLIT * BLOCK_H units, R = BLOCK_R (with proj_size < H);
-    # or a layer's own shape = (H, R, B, D).
+def resources_of(compiled, target):
+    usage = resource_usage(compiled.asm["cubin"])
+    return Resources(regs=usage.get("REG", 0), stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0),
+                     shared=compiled.metadata.shared, smem_limit=TARGETS[target]["smem"])
+
+
+def compile_kernel(kernel, cell, dtype, has_proj, config, shape, target, allow_tf32):
+    """Compile one kernel ("forward", "forward_save": the forward with SAVE, or "backward") of a
+    layer of shape (H, R, B, D) for `target`, exactly as rnn_forward / rnn_backward would launch it."""
     G = 4 if cell == "lstm" else 3
-    if shape is None:
-        H = max(block_h * split, 16)
-        R = block_r if not has_proj or block_r < H else max(H - 16, 8)
-        shape = (H, R, block_b, 1)
     H, R, B, D = shape
     T = 16
+    split = -(-H // config.block_h)
     make = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt)  # noqa: E731
     xproj, y = make(T, B, D * G * H), make(T, B, D * R)
     w_hh, h0, c0 = make(D, G * H, R), make(D, B, R), make(D, B, H)
     w_hr = make(D, R, H) if has_proj else w_hh
     saved = make(T, B, D, SAVED[cell], H, dt=state_dtype(dtype))
     ints = make(max(B, 2), dt=torch.int32)
-    constexprs = kernel_constexprs(cell, dtype, has_proj, split, block_b, block_h, block_r,
-                                   interpret=False, allow_tf32=allow_tf32)
+    constexprs = kernel_constexprs(cell, dtype, has_proj, split, config, R, interpret=False, allow_tf32=allow_tf32)
+    grid_b = -(-B // config.block_b)
     if kernel == "backward":
-        xbuf = make(2, D, split, B, R, dt=state_dtype(dtype)) if split > 1 else make(1, dt=state_dtype(dtype))
+        rows = R
+        xbuf = make(2, D, grid_b, split, rows, config.block_b, dt=state_dtype(dtype))
         args = (y, h0, c0, saved, y, h0, c0, w_hh, w_hr, ints, xproj, y if has_proj else xproj, h0, c0, xbuf, ints,
-                ints, T, B, H, R, MAX_SPIN["compiled"], y.stride(0), y.stride(1), saved.stride(0), saved.stride(1),
-                y.stride(0), y.stride(1), xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1))
+                ints, T, B, H, R, rows, MAX_SPIN["compiled"], y.stride(0), y.stride(1), saved.stride(0),
+                saved.stride(1), y.stride(0), y.stride(1), xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1))
         jit_fn = _rnn_backward_kernel
     else:
-        xbuf_dtype = state_dtype(dtype) if has_proj else dtype
-        xbuf = make(2, D, split if has_proj else 1, B, R, dt=xbuf_dtype) if split > 1 else make(1, dt=xbuf_dtype)
+        rows = R if has_proj else split * config.block_h
+        xbuf = make(2, D, grid_b, split if has_proj else 1, rows, config.block_b,
+                    dt=state_dtype(dtype) if has_proj else dtype)
         save = kernel == "forward_save"
         args = (xproj, w_hh, make(D, H), w_hr, h0, c0, ints, y, h0, c0, saved if save else ints, xbuf, ints, ints,
-                T, B, H, R, MAX_SPIN["compiled"], xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1),
+                T, B, H, R, rows, MAX_SPIN["compiled"], xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1),
                 saved.stride(0) if save else 0, saved.stride(1) if save else 0)
         constexprs["SAVE"] = save
         jit_fn = _rnn_forward_kernel
     # triton 3.6's own argument binding and specialization, as JITFunction.run does it
+    capability = TARGETS[target]["capability"]
     backend = make_backend(GPUTarget("cuda", capability, 32))
     binder = create_function_from_signature(jit_fn.signature, jit_fn.params, backend)
-    kwargs = dict(constexprs, num_warps=num_warps, num_stages=num_stages, launch_cooperative_grid=split > 1,
-                  debug=False)
+    kwargs = dict(constexprs, num_warps=config.warps("backward" if kernel == "backward" else "forward"),
+                  num_stages=config.num_stages,
+                  launch_cooperative_grid=split > 1, debug=False)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound, specialization, options)
     return triton.compile(ASTSource(jit_fn, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),

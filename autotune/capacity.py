@@ -1,19 +1,24 @@
 """Static capacity: which kernel configs keep their weights on-chip, per GPU target.
 
-Single-program tier (BLOCK_H >= H): each power-of-two block is compiled ahead of time with each
-candidate warp count; a block is held when some warp count compiles on-chip (no spills, shared
-memory within the target's limit) for every variant (for the LSTM: with proj_size too).
-Split tier (SPLIT = H / BLOCK_H programs per batch tile): for each power-of-two width BLOCK_R of
-the recurrent input (H, or proj_size), the largest BLOCK_H < BLOCK_R whose kernel compiles
-on-chip; without and with proj_size apart, since W_hr and the partial sums cost registers.
-Triton keeps the W_hh^T MMA operands in shared memory, so a block whose weights alone exceed the
-target's shared memory is not tried (those compiles also take ptxas minutes).
+A config is held when its kernels compile ahead of time with no spills and shared memory within
+the target's limit (aot.py), for a pass: "forward" (inference) or "train" (the saving forward and
+the backward kernel, one config for both).
+
+Single-program tier (BLOCK_H >= H, one batch tile of BLOCK_B = 16 rows): each power-of-two block
+with the candidate warp counts; a block is held when some warp count compiles on-chip for every
+variant (for the LSTM: with every proj_size up to the block too).
+Split tier (SPLIT = cdiv(H, BLOCK_H) programs per batch tile): for each batch tile (16, 32, 64 rows)
+and BLOCK_H, the widths of the recurrent input (hidden or proj size) it holds, among all WIDTHS
+whose weights fit in shared memory. The kernels multiply exactly R columns (K-chunks,
+skeleton.py), so a width is held as compiled: the planner picks the smallest table width >= R.
+Batch tiles of 32 and 64 rows are searched with BLOCK_H = 16 only: they exist for batches whose
+tiles of 16 would not all be resident at once, where the smallest BLOCK_H is what fits.
 
     python -m persistrnn.autotune.capacity [--write]
 
-`--write` regenerates autotune/tables.py, the tables the planner uses at run time. Every search
-runs for two passes (aot.PASSES): "forward" (inference) and "train" (forward with SAVE and the
-backward kernel, one config for both).
+`--write` regenerates autotune/tables.py, the tables the planner uses at run time (about half an
+hour on 2 cores). float16 is searched on its own: its register use differs from bfloat16's (the
+GRU's train pass at width 512 spills in float16 only).
 """
 import argparse
 import concurrent.futures
@@ -22,175 +27,176 @@ import pprint
 
 import torch
 
+from ..kernels.skeleton import KernelConfig
 from .aot import PASSES, TARGETS, kernel_resources
 
 CELLS = ("lstm", "gru")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BLOCKS = (16, 32, 64, 128, 256)
-SPLIT_BLOCK_R = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-SPLIT_BLOCK_H = (64, 32, 16)  # largest first: fewer programs meet at each barrier
-NUM_WARPS = (4, 8, 16)
-BLOCK_B = 16
-GATES = {"lstm": 4, "gru": 3}
+BLOCKS = (16, 32, 64, 128, 256)  # single-program BLOCK_H
+BLOCK_B = 16  # the single tier's batch tile
+WIDTHS = (32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 2048)  # split tier: recurrent input widths
+SPLIT_BLOCK_H = (16, 32, 64, 128)
+BATCH_TILES = (16, 32, 64)  # split tier: BLOCK_B
+NUM_WARPS = (4, 8)
 
 
 def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
-def weight_bytes(cell, dtype, block_h, block_r, has_proj):
-    elements = GATES[cell] * block_h * block_r + (block_h * block_r if has_proj else 0)
+def warp_order(block_h):
+    """Warp counts to try, best first: a W tile of 128 rows and more gives each of 8 warps (two
+    warpgroups) its own 64 rows of the MMA; 64 rows are one warpgroup's."""
+    return (8, 4) if 4 * block_h >= 128 else (4, 8)
+
+
+def weight_bytes(dtype, block_h, width, has_proj):
+    """Shared memory for a program's weights: its W_hh tile (4 gate blocks, the GRU's fourth zero)
+    and, with proj_size, its W_hr columns."""
+    elements = 4 * block_h * width + (block_h * width if has_proj else 0)
     return elements * torch.finfo(dtype).bits // 8
 
 
-def _fits_smem(cell, dtype, block_h, block_r, has_proj, target):
-    return weight_bytes(cell, dtype, block_h, block_r, has_proj) <= TARGETS[target]["smem"]
+def _fits_smem(dtype, block_h, width, has_proj, target):
+    return weight_bytes(dtype, block_h, width, has_proj) <= TARGETS[target]["smem"]
+
+
+def table_config(block_b, block_h, held):
+    """The KernelConfig of a table entry: num_warps (forward pass), or (num_warps, backward_warps)
+    (train pass: the saving forward's and the backward's)."""
+    if isinstance(held, tuple):
+        return KernelConfig(block_b, block_h, held[0], backward_warps=held[1])
+    return KernelConfig(block_b, block_h, held)
+
+
+def held_warps(fits, block_h, pass_):
+    """What a table holds for a (block_b, block_h): the first warp count (warp_order) for which
+    fits(num_warps, kernels) is true; for the train pass the saving forward's and the backward's
+    apart, as a pair. None if none fits."""
+    def first(kernels):
+        return next((w for w in warp_order(block_h) if fits(w, kernels)), None)
+    if pass_ == "forward":
+        return first("forward")
+    forward, backward = first("forward_save"), first("backward")
+    return (forward, backward) if forward and backward else None
 
 
 # --- single-program tier -------------------------------------------------------------------
 
 def _variants(cell, block_h):
-    """(block_r, has_proj) of every kernel the planner may launch with this block_h."""
+    """(width, has_proj) of every kernel the planner may launch with this block_h."""
     variants = [(block_h, False)]
-    if cell == "lstm":  # proj_size < hidden_size: block_r <= block_h
+    if cell == "lstm":  # proj_size < hidden_size: width <= block_h
         variants += [(r, True) for r in BLOCKS if r <= block_h]
     return variants
 
 
 def single_keys(cell, dtype, block_h, target, warps=NUM_WARPS, pass_="forward"):
     """kernel_resources keys that block_warps may compile (for aot.prefetch)."""
-    return [(cell, dtype, p, BLOCK_B, block_h, r, w, 1, target, 1, pass_) for r, p in _variants(cell, block_h)
-            for w in warps if _fits_smem(cell, dtype, block_h, r, p, target)]
+    kernels = ("forward",) if pass_ == "forward" else ("forward_save", "backward")
+    return [(cell, dtype, p, KernelConfig(BLOCK_B, block_h, w), r, target, 1, k)
+            for r, p in _variants(cell, block_h) for w in warps for k in kernels
+            if _fits_smem(dtype, block_h, r, p, target)]
 
 
 def block_warps(cell, dtype, block_h, target, pass_="forward"):
-    """The smallest candidate warp count with which every variant of this block compiles
-    on-chip on `target`, or None."""
+    """What the single tier's table holds for this block (held_warps): every variant of the block
+    compiles on-chip on `target` with it. None if none does."""
     variants = _variants(cell, block_h)
-    if not all(_fits_smem(cell, dtype, block_h, r, p, target) for r, p in variants):
+    if not all(_fits_smem(dtype, block_h, r, p, target) for r, p in variants):
         return None
-    for num_warps in NUM_WARPS:
-        if all(kernel_resources(cell, dtype, p, BLOCK_B, block_h, r, num_warps, 1, target, pass_=pass_).on_chip
-               for r, p in variants):
-            return num_warps
-    return None
+
+    def fits(num_warps, kernels):
+        return all(kernel_resources(cell, dtype, p, KernelConfig(BLOCK_B, block_h, num_warps), r, target,
+                                    pass_=kernels).on_chip for r, p in variants)
+    return held_warps(fits, block_h, pass_)
 
 
 def single_program_blocks(cell, dtype, target, pass_="forward"):
-    """{block_h: num_warps} for every block one program holds on-chip on `target`; stops at the
+    """{block_h: warps} for every block one program holds on-chip on `target`; stops at the
     first block that does not fit."""
     held = {}
     for block_h in BLOCKS:
-        num_warps = block_warps(cell, dtype, block_h, target, pass_)
-        if num_warps is None:
+        warps = block_warps(cell, dtype, block_h, target, pass_)
+        if warps is None:
             break
-        held[block_h] = num_warps
+        held[block_h] = warps
     return held
 
 
 # --- split tier ----------------------------------------------------------------------------
 
-def _split_variant(block_r, block_h, has_proj):
-    # the layer this width is picked for: H = BLOCK_R without proj_size, H = 4 * proj_size with it
-    return (4 * block_r // block_h if has_proj else block_r // block_h), has_proj
+def split_programs(width, block_h, has_proj):
+    """SPLIT of the layer a width is compiled for: H = width without proj_size, H = 4 * proj_size with it."""
+    return -(-(4 * width if has_proj else width) // block_h)
 
 
-def split_keys(cell, dtype, has_proj, block_r, target, block_hs=SPLIT_BLOCK_H, warps=NUM_WARPS, pass_="forward"):
-    """kernel_resources keys that split_block may compile (for aot.prefetch)."""
-    return [(cell, dtype, has_proj, BLOCK_B, block_h, block_r, w, 1, target,
-             _split_variant(block_r, block_h, has_proj)[0], pass_)
-            for block_h in block_hs if block_h < block_r for w in warps
-            if _fits_smem(cell, dtype, block_h, block_r, has_proj, target)]
+def split_shapes(block_b):
+    """The BLOCK_H searched with a batch tile (see the module doc)."""
+    return SPLIT_BLOCK_H if block_b == BLOCK_B else SPLIT_BLOCK_H[:1]
 
 
-def split_block(cell, dtype, has_proj, block_r, target, pass_="forward"):
-    """(block_h, num_warps) of the split tier for a recurrent input of width block_r: the largest
-    block_h < block_r with a warp count that compiles on-chip on `target`, or None."""
-    for block_h in SPLIT_BLOCK_H:
-        if block_h >= block_r or not _fits_smem(cell, dtype, block_h, block_r, has_proj, target):
-            continue
-        split, _ = _split_variant(block_r, block_h, has_proj)
-        for num_warps in NUM_WARPS:
-            if kernel_resources(cell, dtype, has_proj, BLOCK_B, block_h, block_r, num_warps, 1, target,
-                                split=split, pass_=pass_).on_chip:
-                return block_h, num_warps
-    return None
+def split_keys(cell, dtype, has_proj, config, width, target, pass_):
+    """kernel_resources keys of one split config (for aot.prefetch): one per kernel of the pass."""
+    kernels = ("forward",) if pass_ == "forward" else ("forward_save", "backward")
+    return [(cell, dtype, has_proj, config, width, target, split_programs(width, config.block_h, has_proj), k)
+            for k in kernels]
+
+
+def split_width_warps(cell, dtype, has_proj, block_b, block_h, width, target, pass_="forward"):
+    """What the split tier's table holds for this config at a recurrent input of `width`
+    (held_warps), or None."""
+    if block_h >= (4 * width if has_proj else width) or not _fits_smem(dtype, block_h, width, has_proj, target):
+        return None
+    split = split_programs(width, block_h, has_proj)
+
+    def fits(num_warps, kernels):
+        return kernel_resources(cell, dtype, has_proj, KernelConfig(block_b, block_h, num_warps), width, target,
+                                split, kernels).on_chip
+    return held_warps(fits, block_h, pass_)
+
+
+def searched_widths(dtype, block_h, has_proj, target):
+    """The widths split_blocks tries with a BLOCK_H: every one it splits (BLOCK_H < the layer's
+    hidden size) whose weights fit in shared memory. All of them, not up to the first that fails:
+    ptxas is not monotonic in the width (a GRU fp16 64-row tile fails at 512 and 768, fits at 1024)."""
+    return [w for w in WIDTHS if block_h < (4 * w if has_proj else w) and _fits_smem(dtype, block_h, w, has_proj, target)]
 
 
 def split_blocks(cell, dtype, has_proj, target, pass_="forward"):
-    """{block_r: (block_h, num_warps)} for every width the split tier holds on `target`; stops at
-    the first width that does not fit."""
+    """{width: {block_b: {block_h: warps}}} for every (batch tile, BLOCK_H) the split tier holds on
+    `target`, at every searched width."""
     held = {}
-    for block_r in SPLIT_BLOCK_R:
-        found = split_block(cell, dtype, has_proj, block_r, target, pass_)
-        if found is None:
-            break
-        held[block_r] = found
-    return held
+    for block_b in BATCH_TILES:
+        for block_h in split_shapes(block_b):
+            for width in searched_widths(dtype, block_h, has_proj, target):
+                warps = split_width_warps(cell, dtype, has_proj, block_b, block_h, width, target, pass_)
+                if warps is not None:
+                    held.setdefault(width, {}).setdefault(block_b, {})[block_h] = warps
+    return {w: held[w] for w in sorted(held)}
 
 
 # --- reports and the shipped tables --------------------------------------------------------
 
-def capacity_table(target="sm_90", passes=PASSES, parallel=True):
-    """Rows of {cell, dtype, pass, target, max_hidden, config} per pass: the largest hidden size
-    (no proj_size) either tier holds on-chip, with a grid of one batch tile of 16 rows and one
-    direction that fits the target's SMs (one program per SM). parallel: one process per (pass,
-    cell, dtype), each search being a chain of compiles; else in this process (and its cache)."""
-    rows = []
-    sms = TARGETS[target]["sms"]
-    # fp64 is for reference runs, not a capacity question
-    keys = [(cell, dtype, target, pass_) for pass_ in passes for cell in CELLS for dtype in DTYPES[:3]]
-    if parallel:
-        with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
-            searches = list(pool.map(_search, keys))
-    else:
-        searches = [_search(key) for key in keys]
-    for (cell, dtype, _, pass_), (held, split) in zip(keys, searches):
-        best = (0, {})
-        if held:
-            block = max(held)
-            best = (block, dict(tier="single", block_b=BLOCK_B, block_h=block, block_r=block,
-                                num_warps=held[block], num_stages=1, split=1))
-        for block_r, (block_h, num_warps) in split.get((cell, dtype_name(dtype), False), {}).items():
-            hidden = min(block_r, sms * block_h)
-            if hidden > best[0]:
-                best = (hidden, dict(tier="split", block_b=BLOCK_B, block_h=block_h, block_r=block_r,
-                                     num_warps=num_warps, num_stages=1, split=-(-hidden // block_h)))
-        hidden, config = best
-        if config:
-            res = kernel_resources(cell, dtype, False, BLOCK_B, config["block_h"], config["block_r"],
-                                   config["num_warps"], 1, target,
-                                   split=1 if config["split"] == 1 else config["block_r"] // config["block_h"],
-                                   pass_=pass_)
-            config.update(regs=res.regs, spill_bytes=res.stack + res.local, shared_bytes=res.shared)
-        rows.append({"cell": cell, "dtype": dtype_name(dtype), "pass": pass_, "target": target,
-                     "max_hidden": hidden, "config": config})
-    return rows
-
-
-def _search(key, with_proj=False):
-    """(single-program blocks, {(cell, dtype, has_proj): split widths}) of one (cell, dtype,
-    target, pass); the split tier with proj_size too if with_proj (LSTM)."""
+def _search(key):
+    """(single-program blocks, {(cell, dtype, has_proj): split blocks}) of one (cell, dtype,
+    target, pass); the LSTM's split tier with proj_size too."""
     cell, dtype, target, pass_ = key
     single = single_program_blocks(cell, dtype, target, pass_)
     if dtype == torch.float64:  # reference runs on small layers: no split tier
         return single, {}
     split = {(cell, dtype_name(dtype), proj): split_blocks(cell, dtype, proj, target, pass_)
-             for proj in ((False, True) if cell == "lstm" and with_proj else (False,))}
+             for proj in ((False, True) if cell == "lstm" else (False,))}
     return single, split
 
 
-def _shipped_entry(key):
-    return _search(key, with_proj=True)
-
-
-def shipped_tables():
+def shipped_tables(workers=None):
     """What autotune/tables.py holds, per target and pass. One process per (cell, dtype, target,
     pass): each search is a chain of compiles."""
     keys = [(cell, dtype, target, pass_) for target in TARGETS for pass_ in PASSES for cell in CELLS
             for dtype in DTYPES]
-    with concurrent.futures.ProcessPoolExecutor(os.cpu_count()) as pool:
-        entries = list(pool.map(_shipped_entry, keys))
+    with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        entries = list(pool.map(_search, keys))
     tables = {target: {pass_: {"single": {}, "split": {}} for pass_ in PASSES} for target in TARGETS}
     for (cell, dtype, target, pass_), (single, split) in zip(keys, entries):
         tables[target][pass_]["single"][(cell, dtype_name(dtype))] = single
@@ -198,19 +204,58 @@ def shipped_tables():
     return tables
 
 
+def capacity_table(target="sm_90", passes=PASSES, tables=None):
+    """Rows of {cell, dtype, pass, target, max_hidden, config} per pass and 16-bit/fp32 dtype: the
+    largest hidden size (no proj_size) the shipped tables hold for a batch of 16 rows and one
+    direction within the target's SMs (in a batch tile of 16 rows or more), with the planner's
+    config for it and what that config compiles to (registers, spill bytes, shared bytes)."""
+    from ..layers.dispatch import kernel_config
+    if tables is None:
+        from .tables import TABLES as tables
+    rows = []
+    sms = TARGETS[target]["sms"]
+    for pass_ in passes:
+        table = tables[target][pass_]
+        for cell in CELLS:
+            for dtype in DTYPES[:3]:
+                single = table["single"].get((cell, dtype_name(dtype)), {})
+                hidden = max(single, default=0)
+                for width, tiles in table["split"].get((cell, dtype_name(dtype), False), {}).items():
+                    if any(-(-width // block_h) <= sms for blocks in tiles.values() for block_h in blocks):
+                        hidden = max(hidden, width)
+                config, _ = kernel_config(cell, dtype, hidden, 0, BLOCK_B, 1, sms, target, pass_, tables=tables) \
+                    if hidden else (None, None)
+                row = {"cell": cell, "dtype": dtype_name(dtype), "pass": pass_, "target": target,
+                       "max_hidden": hidden, "config": {}}
+                if config is not None:
+                    split = -(-hidden // config.block_h)
+                    width = hidden if split > 1 else config.block_h
+                    res = kernel_resources(cell, dtype, False, config, width, target, split, pass_)
+                    row["config"] = dict(tier="split" if split > 1 else "single", block_b=config.block_b,
+                                         block_h=config.block_h, num_warps=config.num_warps,
+                                         backward_warps=config.backward_warps, num_stages=config.num_stages,
+                                         split=split, regs=res.regs,
+                                         spill_bytes=res.stack + res.local, shared_bytes=res.shared)
+                rows.append(row)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="regenerate autotune/tables.py")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
-    text = f"TABLES = {pprint.pformat(shipped_tables(), width=110)}\n"
+    text = f"TABLES = {pprint.pformat(shipped_tables(args.workers), width=110)}\n"
     if args.write:
         with open(os.path.join(os.path.dirname(__file__), "tables.py"), "w") as f:
             f.write('"""Generated by `python -m persistrnn.autotune.capacity --write`: do not edit by hand.\n\n'
                     "TABLES[target][pass]: pass 'forward' (inference) or 'train' (forward with SAVE + backward).\n"
-                    "TABLES[target][pass]['single'][(cell, dtype)] = {block_h: num_warps}: the blocks one program\n"
-                    "holds on-chip (every block_r <= block_h too, for the LSTM with proj_size), and the warp count.\n"
-                    "TABLES[target][pass]['split'][(cell, dtype, has_proj)] = {block_r: (block_h, num_warps)}: the\n"
-                    "split tier's block per width of the recurrent input. tests/test_aot.py re-checks them.\n"
+                    "TABLES[target][pass]['single'][(cell, dtype)] = {block_h: warps}: the blocks one program\n"
+                    "holds on-chip with a batch tile of 16 rows (every proj_size <= block_h too, for the LSTM).\n"
+                    "TABLES[target][pass]['split'][(cell, dtype, has_proj)] = {width: {block_b: {block_h: warps}}}:\n"
+                    "the split tier's configs held for a recurrent input (hidden or proj size) of that width.\n"
+                    "warps: num_warps (forward), or (num_warps, backward_warps) (train): capacity.table_config.\n"
+                    "tests/test_aot.py re-checks them.\n"
                     '"""\n\n' + text)
     print(text)
     return 0

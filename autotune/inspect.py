@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from .aot import TARGETS, _compile_like_a_launch, disassemble, resource_usage
+from .aot import TARGETS, compile_kernel, disassemble, resource_usage
 
 # opcode (before the first '.') -> kind reported
 MMA_KINDS = {"HGMMA": "wgmma", "HMMA": "mma.sync", "DMMA": "mma.sync (fp64)", "IMMA": "mma.sync (int)"}
@@ -132,16 +132,16 @@ def inspect_layer(cell, dtype, hidden_size, batch, bidirectional=False, proj_siz
     D = 2 if bidirectional else 1
     shape = (hidden_size, R, batch, D)
     kernels = {"forward": "forward"} if pass_ == "forward" else {"forward": "forward_save", "backward": "backward"}
+    from ..kernels.skeleton import kernel_constexprs
     allow_tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     report = {"layer": dict(cell=cell, dtype=str(dtype).replace("torch.", ""), hidden_size=hidden_size, batch=batch,
                             bidirectional=bidirectional, proj_size=proj_size, pass_=pass_, target=target),
-              "config": dict(dataclasses.asdict(config), split=split,
-                             grid=[-(-batch // config.block_b), split, D]),
+              "config": dict(dataclasses.asdict(config), split=split, grid=[-(-batch // config.block_b), split, D],
+                             k_chunks=list(kernel_constexprs(cell, dtype, proj_size > 0, split, config, R,
+                                                             interpret=False, allow_tf32=allow_tf32)["CHUNKS"])),
               "kernels": {}}
     for name, kernel in kernels.items():
-        compiled = _compile_like_a_launch(kernel, cell, dtype, proj_size > 0, config.block_b, config.block_h,
-                                          config.block_r, config.num_warps, config.num_stages,
-                                          TARGETS[target]["capability"], split, allow_tf32, shape=shape)
+        compiled = compile_kernel(kernel, cell, dtype, proj_size > 0, config, shape, target, allow_tf32)
         cubin = compiled.asm["cubin"]
         if cubin_dir:
             os.makedirs(cubin_dir, exist_ok=True)

@@ -2,122 +2,148 @@
 
 Walks each row's steps in the reverse of the forward's order (per row its own length, as the
 forward) and, from the activations the forward saved (forward.py, SAVE), computes per step
-    dh_t = dy_t + dh_carry                       (with proj_size: dh_t @ W_hr[d] for the cell)
+    dh_t = dy_t + dh_carry                       (with proj_size: W_hr[d]^T dh_t for the cell)
     LSTM:  d(i, f, g, o) pre-activations, dc_carry = (dc + dh o (1 - tanh^2 c)) f
     GRU:   d(r, z) pre-activations, d(x_n) = dh (1 - z)(1 - n^2), direct share dh z
-    dh_carry = d(gates) @ W_hh[d]                (GRU: the n gate's share is d(x_n) r)
+    dh_carry = W_hh[d]^T d(gates)                (GRU: the n gate's share is d(x_n) r)
 and writes dgates[t, b, d] (the pre-activation gradients of the x side, in xproj's layout, zero
 past a row's length), dh0, dc0, and with proj_size dh_t itself (for dW_hr). Weight, bias and
 input gradients are GEMMs over the whole sequence, outside (layers/autograd.py).
 
-Grid: (cdiv(B, BLOCK_B), SPLIT, D), as the forward. A program owns a batch tile of one direction
-and BLOCK_H hidden units. On-chip for the whole sequence: its W_hh rows as stored, G tiles
-[BLOCK_H, BLOCK_R] (the B operands of d(gates) @ W_hh; no transpose is needed), with proj_size its
-W_hr columns [BLOCK_R, BLOCK_H]; the carried dh and dc in fp32 registers (fp64 for fp64 inputs).
-SPLIT > 1: d(gates) @ W_hh is a sum over programs. Each step every program writes its partial
-product [BLOCK_B, R] (fp32) to its slot of `xbuf`, meets the others at the bounded barrier, and
-sums only its own columns over the slots, in slot order (a reduce-scatter: deterministic, and
-SPLIT x fewer reads than summing all of R). With proj_size every program sums all of R, since
-dh_t @ W_hr needs all of dh_t. xbuf is double-buffered by step parity, as in the forward.
+Grid (cdiv(B, BLOCK_B), SPLIT, D), as the forward (skeleton.py). On-chip for the whole
+sequence: the program's W_hh rows as the forward holds them, read as their transpose, K-chunks
+[width, 4 * BLOCK_H]: the A operand of the swapped product dh_carry^T = W^T @ dgates^T (M = R,
+N = BLOCK_B, K = 4 * BLOCK_H: wgmma on sm_90 for chunks of 64 rows and more); with proj_size its
+W_hr columns; the carried dh and dc in fp32 registers (fp64 for fp64). The next reverse step's
+dy, saved activations and c_{t-1} / h_{t-1} are loaded before the barrier wait.
+SPLIT > 1: W^T @ dgates^T is a sum over programs. Each step every program stores its partial
+product straight from the MMA accumulator, [R, BLOCK_B] fp32, in its slot of `xbuf`, meets the
+others at the bounded barrier, and sums only its own units' rows over the slots, in slot order
+(a reduce-scatter: deterministic, and SPLIT x fewer reads than summing all of R). With proj_size
+every program sums all of R, since W_hr^T dh_t needs all of dh_t. xbuf is double-buffered by
+step parity, as in the forward.
 """
 import triton
 import triton.language as tl
 
 from .cells import LSTM, gru_cell_backward, lstm_cell_backward
-from .skeleton import (MAX_SPIN, _barrier, _k_chunks, _load_w_chunks, _program_tile, _recurrent_dot,  # noqa: F401
-                       kernel_constexprs, launch, split_scratch, state_dtype)
+from .skeleton import (MAX_SPIN, _arrive, _batch_tile, _chunked_dot, _gate_rows, _join_gates, _load_chunks,  # noqa: F401
+                       _next, _program, _split_gate_columns, _time_index, _wait, _xbuf_tile, kernel_constexprs,
+                       launch, split_scratch, state_dtype)
 
 
 @triton.jit
-def _load_rows(w_ptr, offs_h, mask_h, offs_r, mask_r, R, STATE_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr):
-    """Rows offs_h of a row-major (rows, R) matrix, as stored: [BLOCK_H, BLOCK_R]."""
-    return tl.load(w_ptr + offs_h[:, None] * R + offs_r[None, :], mask=mask_h[:, None] & mask_r[None, :],
-                   other=0.0).to(STATE_DTYPE).to(MMA_DTYPE)
-
-
-@triton.jit
-def _mma(x, W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr):
-    # rounded to the weights' type as the forward's MMA operands are (no-op pair where equal)
-    return x.to(W_DTYPE).to(MMA_DTYPE)
+def _load_step(dy_ptr, saved_ptr, y_ptr, first, step, length, direction, offs_b, mask_b, units, unit_mask, H, R,
+               stride_dyt, stride_dyb, stride_st, stride_sb, stride_yt, stride_yb,
+               CELL: tl.constexpr, HAS_PROJ: tl.constexpr, CHUNKS: tl.constexpr, STATE_DTYPE: tl.constexpr):
+    """What reverse step `step` reads: dy_t (my units; with proj_size all of R, as
+    K-chunks [width, BLOCK_B]), the saved activations of t, and the state before t: c_{t-1} (LSTM,
+    saved) or h_{t-1} (GRU, from y), `first` (c0 / h0) at the row's first step. Zero past the length."""
+    S: tl.constexpr = 5 if CELL == LSTM else 4
+    active = mask_b & (step < length)
+    t = _time_index(step, length, direction)
+    t_prev = tl.where(direction == 1, t + 1, t - 1)
+    b64 = offs_b.to(tl.int64)
+    m = unit_mask & active[None, :]
+    dy_cols = t * stride_dyt + b64 * stride_dyb + direction * R
+    if HAS_PROJ:
+        dy = _load_chunks(dy_ptr, dy_cols, active, R, 1, CHUNKS, True, STATE_DTYPE, STATE_DTYPE)
+    else:
+        dy = tl.load(dy_ptr + dy_cols[None, :] + units, mask=m, other=0.0).to(STATE_DTYPE)
+    rows = saved_ptr + (t * stride_st + b64 * stride_sb)[None, :] + direction * (S * H) + units
+    acts = ()
+    for k in tl.static_range(S):
+        acts = acts + (tl.load(rows + k * H, mask=m, other=0.0).to(STATE_DTYPE),)
+    has_prev = m & (step > 0)
+    if CELL == LSTM:
+        prev = tl.load(saved_ptr + (t_prev * stride_st + b64 * stride_sb)[None, :] + direction * (S * H) + 4 * H
+                       + units, mask=has_prev, other=0.0).to(STATE_DTYPE)
+    else:  # y holds h in the input dtype: the GRU's h_{t-1} is rounded to it (within the tolerances)
+        prev = tl.load(y_ptr + (t_prev * stride_yt + b64 * stride_yb)[None, :] + direction * R + units,
+                       mask=has_prev, other=0.0).to(STATE_DTYPE)
+    return dy, acts, tl.where(step > 0, prev, first)
 
 
 @triton.jit
 def _rnn_backward_kernel(
     dy_ptr, dhn_ptr, dcn_ptr, saved_ptr, y_ptr, h0_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, lengths_ptr,
     dgates_ptr, dh_all_ptr, dh0_ptr, dc0_ptr, xbuf_ptr, counter_ptr, error_ptr,
-    T, B, H, R, MAX_SPIN,
+    T, B, H, R, XBUF_ROWS, MAX_SPIN,
     stride_dyt, stride_dyb, stride_st, stride_sb, stride_yt, stride_yb, stride_gt, stride_gb,
     stride_dht, stride_dhb,
     CELL: tl.constexpr, HAS_PROJ: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, H_GROUP: tl.constexpr,
     W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FAST: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     G: tl.constexpr = 4 if CELL == LSTM else 3
-    S: tl.constexpr = 5 if CELL == LSTM else 4  # saved values per hidden unit (forward.SAVED)
-    pid_b, pid_h, direction, offs_b, offs_h, offs_r, mask_b, mask_h, mask_r, length = _program_tile(
-        lengths_ptr, B, H, R, BLOCK_B, BLOCK_H, BLOCK_R)
-    offs_b64 = offs_b.to(tl.int64)
-    mask_bh = mask_b[:, None] & mask_h[None, :]
-    mask_br = mask_b[:, None] & mask_r[None, :]
+    pid_b, pid_h, direction, offs_u, mask_u = _program(H, BLOCK_H)
+    offs_b, mask_b, length = _batch_tile(lengths_ptr, B, pid_b, BLOCK_B)
+    units = offs_u[:, None]  # tiles are [BLOCK_H, BLOCK_B]: (unit, batch row)
+    unit_mask = mask_u[:, None]
+    mask_bh = unit_mask & mask_b[None, :]
+    b64 = offs_b[None, :].to(tl.int64)
+    cols = tl.arange(0, BLOCK_B)
 
-    # Recurrent weights: read from memory once, kept on-chip for all T steps.
-    w_hh_dir = w_hh_ptr + direction * (G * H * R)
-    w_0 = _load_rows(w_hh_dir + 0 * H * R, offs_h, mask_h, offs_r, mask_r, R, STATE_DTYPE, MMA_DTYPE)
-    w_1 = _load_rows(w_hh_dir + 1 * H * R, offs_h, mask_h, offs_r, mask_r, R, STATE_DTYPE, MMA_DTYPE)
-    w_2 = _load_rows(w_hh_dir + 2 * H * R, offs_h, mask_h, offs_r, mask_r, R, STATE_DTYPE, MMA_DTYPE)
-    if CELL == LSTM:
-        w_3 = _load_rows(w_hh_dir + 3 * H * R, offs_h, mask_h, offs_r, mask_r, R, STATE_DTYPE, MMA_DTYPE)
-    if HAS_PROJ:  # my columns of W_hr: element (k, n) = W_hr[k, my unit n], the B operand of dh @ W_hr
-        w_hr = _load_w_chunks(w_hr_ptr + direction * (R * H), offs_h, mask_h, 1, H, R, BLOCK_R, BLOCK_K,
-                              STATE_DTYPE, MMA_DTYPE)
-
-    state_bh = direction * B * H + offs_b[:, None] * H + offs_h[None, :]
-    state_br = direction * B * R + offs_b[:, None] * R + offs_r[None, :]
-    if HAS_PROJ:
-        dh_full = tl.load(dhn_ptr + state_br, mask=mask_br, other=0.0).to(STATE_DTYPE)  # all of dh
-    else:
-        dh_mine = tl.load(dhn_ptr + state_bh, mask=mask_bh, other=0.0).to(STATE_DTYPE)  # my slice of dh
-    if CELL == LSTM:
-        dc = tl.load(dcn_ptr + state_bh, mask=mask_bh, other=0.0).to(STATE_DTYPE)
-        c_first = tl.load(c0_ptr + state_bh, mask=mask_bh, other=0.0).to(STATE_DTYPE)
-    else:
-        h_first = tl.load(h0_ptr + state_bh, mask=mask_bh, other=0.0).to(STATE_DTYPE)
+    # Recurrent weights: read from memory once, kept on-chip for all T steps. W^T chunk k is
+    # [width, 4 * BLOCK_H]: element (r, m) = W_hh[row m of my tile, r].
+    rows, row_mask = _gate_rows(pid_h, H, G, BLOCK_H)
+    w_t = _load_chunks(w_hh_ptr + direction * (G * H * R), rows * R, row_mask, R, 1, CHUNKS, True, STATE_DTYPE,
+                       MMA_DTYPE)
+    if STATE_DTYPE == tl.float64:  # Triton's fp64 MMA takes K <= 32: one gate's columns at a time
+        by_gate = ()
+        for k in tl.static_range(len(CHUNKS)):
+            by_gate = by_gate + (_split_gate_columns(w_t[k], BLOCK_H),)
+        w_t = by_gate
+    if HAS_PROJ:  # my columns of W_hr, chunk [BLOCK_H, width]: element (unit, r) = W_hr[r, unit]
+        w_hr_t = _load_chunks(w_hr_ptr + direction * (R * H), offs_u, mask_u, R, H, CHUNKS, False, STATE_DTYPE,
+                              MMA_DTYPE)
     counter = counter_ptr + direction * tl.num_programs(0) + pid_b
     alive = pid_b >= 0  # a true scalar, false after a barrier timeout
 
+    # the carried dh (my units; with proj_size all of R, as K-chunks [width, BLOCK_B]) and dc,
+    # c0 / h0 of my units, and the inputs of the last step
+    if HAS_PROJ:
+        dh = _load_chunks(dhn_ptr + direction * B * R, offs_b * R, mask_b, R, 1, CHUNKS, True, STATE_DTYPE,
+                          STATE_DTYPE)
+    else:
+        dh = tl.load(dhn_ptr + direction * B * R + offs_b[None, :] * R + units, mask=mask_bh, other=0.0).to(STATE_DTYPE)
+    if CELL == LSTM:
+        dc = tl.load(dcn_ptr + direction * B * H + offs_b[None, :] * H + units, mask=mask_bh, other=0.0).to(STATE_DTYPE)
+        first = tl.load(c0_ptr + direction * B * H + offs_b[None, :] * H + units, mask=mask_bh,
+                        other=0.0).to(STATE_DTYPE)
+    else:
+        first = tl.load(h0_ptr + direction * B * R + offs_b[None, :] * R + units, mask=mask_bh,
+                        other=0.0).to(STATE_DTYPE)
+    dy, acts, prev = _load_step(dy_ptr, saved_ptr, y_ptr, first, T - 1, length, direction, offs_b, mask_b, units,
+                                unit_mask, H, R, stride_dyt, stride_dyb, stride_st, stride_sb, stride_yt, stride_yb,
+                                CELL, HAS_PROJ, CHUNKS, STATE_DTYPE)
+
+    gate_ty = dgates_ptr.dtype.element_ty
     for it in range(T):
         step = T - 1 - it
-        active = step < length
-        keep = active[:, None]
-        m_act = mask_bh & keep
-        has_prev = m_act & (step > 0)
-        t = tl.where(direction == 1, length - 1 - step, step).to(tl.int64)
-        t_prev = tl.where(direction == 1, t + 1, t - 1)
-        out_t = tl.where(active, t, step)  # past the length: zeros at `step`, as the forward's y
-        dy_row = dy_ptr + t[:, None] * stride_dyt + offs_b64[:, None] * stride_dyb + direction * R
-        if HAS_PROJ:  # dh of all of h_t, then its share of my cell outputs: dh_t @ W_hr[:, mine]
-            dh_t = dh_full + tl.load(dy_row + offs_r[None, :], mask=mask_br & keep, other=0.0).to(STATE_DTYPE)
-            tl.store(dh_all_ptr + out_t[:, None] * stride_dht + offs_b64[:, None] * stride_dhb + direction * R
-                     + offs_r[None, :], tl.where(keep, dh_t, 0.0).to(dh_all_ptr.dtype.element_ty),
-                     mask=mask_br & (pid_h == 0))
-            dh = _recurrent_dot(_k_chunks(_mma(dh_t, W_DTYPE, MMA_DTYPE), BLOCK_B, BLOCK_R, BLOCK_K), w_hr,
-                                BLOCK_R, BLOCK_K, INPUT_PRECISION).to(STATE_DTYPE)
+        parity = it % 2
+        keep = (step < length)[None, :]
+        out_t = tl.where(step < length, _time_index(step, length, direction), step)[None, :]
+        if HAS_PROJ:  # dh of all of h_t, then its share of my cell outputs: W_hr[:, mine]^T dh_t
+            dh_t = ()
+            start = 0
+            for k in tl.static_range(len(CHUNKS)):
+                offs_r = start + tl.arange(0, CHUNKS[k])
+                v = dh[k] + dy[k]
+                dh_t = dh_t + (v.to(W_DTYPE).to(MMA_DTYPE),)
+                tl.store(dh_all_ptr + out_t * stride_dht + b64 * stride_dhb + direction * R + offs_r[:, None],
+                         tl.where(keep, v, 0.0).to(dh_all_ptr.dtype.element_ty),
+                         mask=(offs_r < R)[:, None] & mask_b[None, :] & (pid_h == 0))
+                start += CHUNKS[k]
+            d_cell = _chunked_dot(w_hr_t, dh_t, STATE_DTYPE, INPUT_PRECISION)
         else:
-            dh = dh_mine + tl.load(dy_row + offs_h[None, :], mask=m_act, other=0.0).to(STATE_DTYPE)
+            d_cell = dh + dy
 
-        saved = saved_ptr + t[:, None] * stride_st + offs_b64[:, None] * stride_sb + direction * (S * H) + offs_h[None, :]
-        dgates = (dgates_ptr + out_t[:, None] * stride_gt + offs_b64[:, None] * stride_gb + direction * (G * H)
-                  + offs_h[None, :])
-        gate_ty = dgates_ptr.dtype.element_ty
+        dgates = dgates_ptr + out_t * stride_gt + b64 * stride_gb + direction * (G * H) + units
         if CELL == LSTM:
-            c_prev_row = (saved_ptr + t_prev[:, None] * stride_st + offs_b64[:, None] * stride_sb
-                          + direction * (S * H) + 4 * H + offs_h[None, :])
-            c_prev = tl.where(step > 0, tl.load(c_prev_row, mask=has_prev, other=0.0), c_first)
-            d_i, d_f, d_g, d_o, dc_prev = lstm_cell_backward(
-                dh, dc, tl.load(saved, mask=m_act, other=0.0), tl.load(saved + H, mask=m_act, other=0.0),
-                tl.load(saved + 2 * H, mask=m_act, other=0.0), tl.load(saved + 3 * H, mask=m_act, other=0.0),
-                tl.load(saved + 4 * H, mask=m_act, other=0.0), c_prev)
+            d_i, d_f, d_g, d_o, dc_prev = lstm_cell_backward(d_cell, dc, acts[0], acts[1], acts[2], acts[3], acts[4],
+                                                             prev, FAST)
             d_i = tl.where(keep, d_i, 0.0)
             d_f = tl.where(keep, d_f, 0.0)
             d_g = tl.where(keep, d_g, 0.0)
@@ -127,68 +153,98 @@ def _rnn_backward_kernel(
             tl.store(dgates + H, d_f.to(gate_ty), mask=mask_bh)
             tl.store(dgates + 2 * H, d_g.to(gate_ty), mask=mask_bh)
             tl.store(dgates + 3 * H, d_o.to(gate_ty), mask=mask_bh)
-            partial = tl.dot(_mma(d_i, W_DTYPE, MMA_DTYPE), w_0, input_precision=INPUT_PRECISION,
-                             out_dtype=STATE_DTYPE)
-            partial = tl.dot(_mma(d_f, W_DTYPE, MMA_DTYPE), w_1, partial, input_precision=INPUT_PRECISION,
-                             out_dtype=STATE_DTYPE)
-            partial = tl.dot(_mma(d_g, W_DTYPE, MMA_DTYPE), w_2, partial, input_precision=INPUT_PRECISION,
-                             out_dtype=STATE_DTYPE)
-            partial = tl.dot(_mma(d_o, W_DTYPE, MMA_DTYPE), w_3, partial, input_precision=INPUT_PRECISION,
-                             out_dtype=STATE_DTYPE)
+            d_gates = (d_i, d_f, d_g, d_o)
         else:
-            h_prev_row = y_ptr + t_prev[:, None] * stride_yt + offs_b64[:, None] * stride_yb + direction * R
-            h_prev = tl.where(step > 0, tl.load(h_prev_row + offs_h[None, :], mask=has_prev, other=0.0)
-                              .to(STATE_DTYPE), h_first)
-            r = tl.load(saved, mask=m_act, other=0.0)
-            d_r, d_z, d_n, dh_direct = gru_cell_backward(
-                dh, r, tl.load(saved + H, mask=m_act, other=0.0), tl.load(saved + 2 * H, mask=m_act, other=0.0),
-                tl.load(saved + 3 * H, mask=m_act, other=0.0), h_prev)
+            r = acts[0]
+            d_r, d_z, d_n, dh_direct = gru_cell_backward(d_cell, r, acts[1], acts[2], acts[3], prev)
             d_r = tl.where(keep, d_r, 0.0)
             d_z = tl.where(keep, d_z, 0.0)
             d_n = tl.where(keep, d_n, 0.0)
             tl.store(dgates, d_r.to(gate_ty), mask=mask_bh)
             tl.store(dgates + H, d_z.to(gate_ty), mask=mask_bh)
             tl.store(dgates + 2 * H, d_n.to(gate_ty), mask=mask_bh)
-            partial = tl.dot(_mma(d_r, W_DTYPE, MMA_DTYPE), w_0, input_precision=INPUT_PRECISION,
-                             out_dtype=STATE_DTYPE)
-            partial = tl.dot(_mma(d_z, W_DTYPE, MMA_DTYPE), w_1, partial, input_precision=INPUT_PRECISION,
-                             out_dtype=STATE_DTYPE)
-            partial = tl.dot(_mma(d_n * r, W_DTYPE, MMA_DTYPE), w_2, partial, input_precision=INPUT_PRECISION,
-                             out_dtype=STATE_DTYPE)
-        # partial [BLOCK_B, BLOCK_R]: my units' share of dh_{t-1}
+            # the n gate reaches W_hn h through r; the fourth gate rows of the tile are zero
+            d_gates = (d_r, d_z, d_n * r, tl.zeros_like(r))
 
-        if SPLIT > 1:  # dh_{t-1} is the sum of every program's share
-            xbuf = xbuf_ptr + ((it % 2) * tl.num_programs(2) + direction) * (SPLIT * B * R) + offs_b[:, None] * R
-            tl.store(xbuf + pid_h * (B * R) + offs_r[None, :], partial, mask=mask_br)
-            alive = _barrier(counter, SPLIT * (it + 1), alive, MAX_SPIN)
-            if HAS_PROJ:
-                partial = tl.zeros([BLOCK_B, BLOCK_R], STATE_DTYPE)
-                for slot in range(SPLIT):  # in a fixed order: every program sums alike
-                    partial += tl.load(xbuf + slot * (B * R) + offs_r[None, :], mask=mask_br, other=0.0,
-                                       cache_modifier=".cg")
-            else:  # only my columns
-                partial = tl.zeros([BLOCK_B, BLOCK_H], STATE_DTYPE)
-                for slot in range(SPLIT):
-                    partial += tl.load(xbuf + slot * (B * R) + offs_h[None, :], mask=mask_bh, other=0.0,
-                                       cache_modifier=".cg")
-        if HAS_PROJ:
-            dh_full = tl.where(keep, partial, dh_full)
-        elif CELL == LSTM:
-            dh_mine = tl.where(keep, partial, dh_mine)
+        # my share of dh_{t-1}^T = W^T @ dgates^T, stored straight from the accumulator, chunk by chunk
+        if STATE_DTYPE == tl.float64:
+            d_op = d_gates
         else:
-            dh_mine = tl.where(keep, partial + dh_direct, dh_mine)
+            d_op = _join_gates(d_gates[0], d_gates[1], d_gates[2], d_gates[3], BLOCK_H, BLOCK_B).to(W_DTYPE).to(
+                MMA_DTYPE)
+        partial = ()
+        start = 0
+        for k in tl.static_range(len(CHUNKS)):
+            if STATE_DTYPE == tl.float64:
+                p = tl.dot(w_t[k][0], d_op[0], out_dtype=STATE_DTYPE)
+                for g in tl.static_range(1, G):
+                    p = tl.dot(w_t[k][g], d_op[g], p, out_dtype=STATE_DTYPE)
+            else:
+                p = tl.dot(w_t[k], d_op, input_precision=INPUT_PRECISION, out_dtype=STATE_DTYPE)
+            partial = partial + (p,)
+            if SPLIT > 1:
+                offs_r = start + tl.arange(0, CHUNKS[k])
+                tl.store(_xbuf_tile(xbuf_ptr, parity, direction, pid_b, pid_h, XBUF_ROWS, SPLIT, BLOCK_B)
+                         + offs_r[:, None] * BLOCK_B + cols[None, :], p, mask=(offs_r < R)[:, None])
+            start += CHUNKS[k]
+
+        if SPLIT > 1:
+            _arrive(counter)
+        # the next reverse step's inputs, loaded before the wait: off the step's critical path
+        dy, acts, prev = _load_step(dy_ptr, saved_ptr, y_ptr, first, T - 1 - _next(it), length, direction, offs_b,
+                                    mask_b, units, unit_mask, H, R, stride_dyt, stride_dyb, stride_st, stride_sb,
+                                    stride_yt, stride_yb, CELL, HAS_PROJ, CHUNKS, STATE_DTYPE)
+        if SPLIT > 1:
+            alive = _wait(counter, SPLIT * (it + 1), alive, MAX_SPIN, INTERPRET)
+
+        slot_stride = XBUF_ROWS * BLOCK_B
+        slots = _xbuf_tile(xbuf_ptr, parity, direction, pid_b, 0, XBUF_ROWS, SPLIT, BLOCK_B)
+        if HAS_PROJ:  # all of dh_{t-1}: the sum of every program's partial, in slot order
+            summed = ()
+            start = 0
+            for k in tl.static_range(len(CHUNKS)):
+                if SPLIT > 1:
+                    offs_r = start + tl.arange(0, CHUNKS[k])
+                    chunk = slots + offs_r[:, None] * BLOCK_B + cols[None, :]
+                    total = tl.load(chunk, mask=(offs_r < R)[:, None], other=0.0, cache_modifier=".cg")
+                    for slot in range(1, SPLIT):
+                        total += tl.load(chunk + slot * slot_stride, mask=(offs_r < R)[:, None], other=0.0,
+                                         cache_modifier=".cg")
+                else:
+                    total = partial[k]
+                summed = summed + (tl.where(keep, total, dh[k]),)
+                start += CHUNKS[k]
+            dh = summed
+        else:
+            if SPLIT > 1:  # only my units' rows
+                mine = slots + units * BLOCK_B + cols[None, :]
+                total = tl.load(mine, mask=unit_mask, other=0.0, cache_modifier=".cg")
+                for slot in range(1, SPLIT):
+                    total += tl.load(mine + slot * slot_stride, mask=unit_mask, other=0.0, cache_modifier=".cg")
+            else:  # one program: its one chunk of BLOCK_H rows is every unit's
+                total = partial[0]
+            if CELL != LSTM:
+                total += dh_direct
+            dh = tl.where(keep, total, dh)
 
     if HAS_PROJ:
-        tl.store(dh0_ptr + state_br, dh_full.to(dh0_ptr.dtype.element_ty), mask=mask_br & (pid_h == 0))
+        start = 0
+        for k in tl.static_range(len(CHUNKS)):
+            offs_r = start + tl.arange(0, CHUNKS[k])
+            tl.store(dh0_ptr + direction * B * R + offs_b[None, :] * R + offs_r[:, None],
+                     dh[k].to(dh0_ptr.dtype.element_ty), mask=(offs_r < R)[:, None] & mask_b[None, :] & (pid_h == 0))
+            start += CHUNKS[k]
     else:
-        tl.store(dh0_ptr + state_bh, dh_mine.to(dh0_ptr.dtype.element_ty), mask=mask_bh)
+        tl.store(dh0_ptr + direction * B * R + offs_b[None, :] * R + units, dh.to(dh0_ptr.dtype.element_ty),
+                 mask=mask_bh)
     if CELL == LSTM:
-        tl.store(dc0_ptr + state_bh, dc.to(dc0_ptr.dtype.element_ty), mask=mask_bh)
+        tl.store(dc0_ptr + direction * B * H + offs_b[None, :] * H + units, dc.to(dc0_ptr.dtype.element_ty),
+                 mask=mask_bh)
     tl.store(error_ptr, 1, mask=alive == 0)
 
 
 def rnn_backward(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengths, dgates, dh_all, dh0, dc0, *,
-                 block_b, block_h, block_r, num_warps, num_stages, interpret, allow_tf32, max_spin=None):
+                 config, interpret, allow_tf32, max_spin=None):
     """Launch the backward of one layer (all directions), given the forward's inputs and outputs.
     Shapes as rnn_forward's: dy and y (T, B, D*R); dh_n, h0, dh0 (D, B, R); dc_n, c0, dc0 (D, B, H);
     saved (T, B, D, SAVED[cell], H); dgates (T, B, D*G*H), written in full (zeros past each row's
@@ -198,19 +254,21 @@ def rnn_backward(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengths, dg
     T, B = dy.shape[0], dy.shape[1]
     D, _, R = w_hh.shape
     H = saved.shape[-1]
-    split = triton.cdiv(H, block_h)
+    split = triton.cdiv(H, config.block_h)
     has_proj = w_hr is not None
-    constexprs = kernel_constexprs(cell, w_hh.dtype, has_proj, split, block_b, block_h, block_r,
-                                   interpret=interpret, allow_tf32=allow_tf32)
-    grid = (triton.cdiv(B, block_b), split, D)
-    xbuf, counters, error = split_scratch(split, D, grid[0], (split, B, R), state_dtype(w_hh.dtype), dy.device)
+    constexprs = kernel_constexprs(cell, w_hh.dtype, has_proj, split, config, R, interpret=interpret,
+                                   allow_tf32=allow_tf32)
+    grid = (triton.cdiv(B, config.block_b), split, D)
+    xbuf, counters, error = split_scratch(split, D, grid[0], (split, R, config.block_b), state_dtype(w_hh.dtype),
+                                          dy.device)
     if max_spin is None:
         max_spin = MAX_SPIN["interpret" if interpret else "compiled"]
     # unused pointers point at a tensor the kernel has anyway
     dh_all = dgates if dh_all is None else dh_all
     args = (dy, dh_n, dh_n if dc_n is None else dc_n, saved, y, h0, h0 if c0 is None else c0, w_hh,
-            w_hh if w_hr is None else w_hr, lengths, dgates, dh_all, dh0, dh0 if dc0 is None else dc0, xbuf, counters, error, T, B, H, R, max_spin,
+            w_hh if w_hr is None else w_hr, lengths, dgates, dh_all, dh0, dh0 if dc0 is None else dc0, xbuf, counters,
+            error, T, B, H, R, R, max_spin,
             dy.stride(0), dy.stride(1), saved.stride(0), saved.stride(1), y.stride(0), y.stride(1),
             dgates.stride(0), dgates.stride(1), dh_all.stride(0), dh_all.stride(1))
-    launch(_rnn_backward_kernel, grid, args, constexprs, interpret=interpret, num_warps=num_warps,
-           num_stages=num_stages, device=dy.device, what="backward", error=error, max_spin=max_spin)
+    launch(_rnn_backward_kernel, grid, args, constexprs, config=config, interpret=interpret, device=dy.device,
+           what="backward", error=error, max_spin=max_spin)

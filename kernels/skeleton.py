@@ -1,109 +1,301 @@
-"""What the persistent forward and backward kernels share: the on-chip operand loaders, the
-recurrent dot, the bounded barrier of the split tier, the compile-time parameters and the launch.
+"""What the persistent forward and backward kernels share: the program's tile of W_hh, the K-chunked
+recurrent product, the gate split, the bounded barrier of the split tier, the compile-time
+parameters and the launch.
 
-Both kernels have the same grid, (cdiv(B, BLOCK_B), SPLIT, D): a program owns a batch tile of one
-direction and BLOCK_H hidden units; SPLIT = cdiv(H, BLOCK_H) programs share a batch tile and meet
-at a barrier once per step. The barrier counter only grows (target SPLIT * (step + 1)); its spin
-is bounded by MAX_SPIN polls, after which the program raises `error_ptr` and stops waiting: the
-host turns the flag into `BarrierTimeout`, so no input can hang the GPU.
+Grid (cdiv(B, BLOCK_B), SPLIT, D): a program owns a batch tile of BLOCK_B rows of one direction
+and BLOCK_H hidden units; SPLIT = cdiv(H, BLOCK_H) programs share a batch tile.
+
+The recurrent product is computed swapped, gates^T = W_hh[my rows] @ h^T: one MMA with
+M = 4 * BLOCK_H (all gates of the program's units, gate-major; the GRU's fourth gate is zero rows,
+since M must be a power of two and wgmma needs M >= 64), N = BLOCK_B and K = R. W_hh's rows stay
+in shared memory as the A operand for the whole sequence and the tensor core reads them there
+(wgmma on sm_90); each gate value and each cell element is then computed once, by one thread.
+K is cut into power-of-two chunks that sum to R (768 = 6 x 128): no MMA work or shared memory
+goes to padding, and no W chunk is too large to stage through registers when it is loaded.
+The split tier reads h, the B operand, back from memory in groups of K-chunks of at most
+H_GROUP_BYTES: a group's chunks are loaded, then multiplied, and the next group reuses its shared
+memory (a 64-row tile of H = 1024 fits beside its W that way, in two groups). Loading every chunk
+of a group before its MMAs matters: a load between two MMAs makes ptxas hold the loop-invariant
+wgmma descriptors in vector registers (two R2UR per wgmma) instead of uniform ones.
+
+The split tier's barrier is a counter per (direction, batch tile) that only grows: a program
+arrives (release atomic_add) after publishing its part of the step, and waits until SPLIT more
+have arrived. The wait is bounded by MAX_SPIN polls, after which the program stops waiting and
+raises `error_ptr`: the host turns the flag into `BarrierTimeout`, so no input can hang the GPU.
+Compiled, the poll is a warp-uniform PTX loop (vote.sync), so that ptxas keeps the loop-invariant
+wgmma descriptors in uniform registers across it (a plain Triton while loop there costs two
+R2UR per wgmma and spills at 4 warps); the interpreter runs the same protocol in Triton.
 """
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-from .cells import GRU, LSTM
+from .cells import EMULATED, EXACT, GRU, HARDWARE, LSTM
 from .interpreter import interpreted, interpreting
 
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """How a layer is cut into programs: block_b batch rows and block_h hidden units per program
+    (SPLIT = cdiv(H, block_h) programs share a batch tile), and the launch's num_warps and num_stages;
+    backward_warps, if set, is the backward kernel's num_warps (one kernel's registers may need
+    more warps than the other's)."""
+    block_b: int
+    block_h: int
+    num_warps: int = 4
+    num_stages: int = 1
+    backward_warps: int = None
+
+    def warps(self, kernel):
+        """num_warps of the "forward" or "backward" kernel."""
+        return self.backward_warps if kernel == "backward" and self.backward_warps else self.num_warps
+
+
+# widest K chunk of the recurrent product on tensor cores (fp16, bf16, TF32): wide enough that
+# chunks cost few fences and waits, narrow enough that a chunk of W, or of a 64-row h, stages
+# through registers without spilling. FMA dots (fp32 without TF32) and fp64's hold a whole chunk
+# of both operands in registers: FMA_K_CHUNK.
+K_CHUNK = 128
+FMA_K_CHUNK = 32
+MIN_CHUNK = 16  # the MMA's K granularity (and tl.dot's smallest dimension)
+
+
+def k_chunks(width, widest=K_CHUNK):
+    """Power-of-two chunk widths (<= widest, >= MIN_CHUNK) that sum to `width` rounded up to a
+    multiple of MIN_CHUNK: 768 -> 6 x 128, 1000 -> 7 x 128, 64, 32, 16."""
+    width = -(-width // MIN_CHUNK) * MIN_CHUNK
+    chunks = [widest] * (width // widest)
+    rest = width % widest
+    bit = widest // 2
+    while rest:
+        if rest >= bit:
+            chunks.append(bit)
+            rest -= bit
+        bit //= 2
+    return tuple(chunks)
+
+
+def recurrent_chunks(split, has_proj, block_h, width, widest=K_CHUNK):
+    """The K-chunks of the recurrent product. One program without proj_size multiplies its own
+    h tile, [BLOCK_H, BLOCK_B]: one chunk of BLOCK_H. Otherwise h is read back as R rows."""
+    return (block_h,) if split == 1 and not has_proj else k_chunks(width, widest)
+
 
 @triton.jit
-def _load_w_chunks(w_ptr, offs_n, mask_n, stride_n, stride_k, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   STATE_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr):
-    """The B operand of _recurrent_dot, element (k, n) = w_ptr[n * stride_n + k * stride_k] for
-    k < K: [BLOCK_R, BLOCK_N], or cut along K into [BLOCK_R // BLOCK_K, BLOCK_K, BLOCK_N]."""
-    if BLOCK_R == BLOCK_K:
-        k = tl.arange(0, BLOCK_R)[:, None]
-        n = offs_n[None, :]
-        mask = (k < K) & mask_n[None, :]
-    else:
-        k = (tl.arange(0, BLOCK_R // BLOCK_K) * BLOCK_K)[:, None, None] + tl.arange(0, BLOCK_K)[None, :, None]
-        n = offs_n[None, None, :]
-        mask = (k < K) & mask_n[None, None, :]
-    # Every load is upcast at once (the interpreter's bf16 arithmetic is wrong), then cast to the
-    # MMA operand type: lossless, and a no-op pair once compiled.
-    return tl.load(w_ptr + n * stride_n + k * stride_k, mask=mask, other=0.0).to(STATE_DTYPE).to(MMA_DTYPE)
-
-
-@triton.jit
-def _k_chunks(h, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h [BLOCK_B, BLOCK_R] as the A operand of _recurrent_dot: itself, or its K-chunks
-    [BLOCK_R // BLOCK_K, BLOCK_B, BLOCK_K]."""
-    if BLOCK_R == BLOCK_K:
-        return h
-    else:
-        return tl.permute(tl.reshape(h, [BLOCK_B, BLOCK_R // BLOCK_K, BLOCK_K]), (1, 0, 2))
-
-
-@triton.jit
-def _recurrent_dot(h_chunks, w_chunks, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr):
-    """h @ W. A wide h is multiplied as a batch of K-chunk products, summed: the warps share K,
-    so no warp holds all of h as an MMA operand (a plain dot with K = 1024 spills). A narrow h
-    (BLOCK_R == BLOCK_K) takes one plain dot, which uses fewer registers there."""
-    if BLOCK_R == BLOCK_K:
-        return tl.dot(h_chunks, w_chunks, input_precision=INPUT_PRECISION)
-    else:
-        return tl.sum(tl.dot(h_chunks, w_chunks, input_precision=INPUT_PRECISION), axis=0)
-
-
-@triton.jit
-def _program_tile(lengths_ptr, B, H, R, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Where a program of the grid (batch tiles, SPLIT, D) works: its ids, its batch rows,
-    its hidden units, the whole recurrent input's columns, their masks, and each row's length."""
-    pid_b = tl.program_id(0)
+def _program(H, BLOCK_H: tl.constexpr):
+    """The program's ids in the grid (batch tiles, SPLIT, D), and its hidden units."""
     pid_h = tl.program_id(1)
-    direction = tl.program_id(2)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # my hidden units
-    offs_r = tl.arange(0, BLOCK_R)  # the whole recurrent input
-    mask_b = offs_b < B
-    mask_h = offs_h < H
-    mask_r = offs_r < R
-    length = tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
-    return pid_b, pid_h, direction, offs_b, offs_h, offs_r, mask_b, mask_h, mask_r, length
+    offs_u = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    return tl.program_id(0), pid_h, tl.program_id(2), offs_u, offs_u < H
 
 
 @triton.jit
-def _barrier(counter_ptr, target, alive, MAX_SPIN):
-    """Arrive, then wait until `target` programs have arrived, for at most MAX_SPIN polls.
-    Returns False on timeout; a program that timed out before (alive False) no longer waits."""
+def _batch_tile(lengths_ptr, B, pid_b, BLOCK_B: tl.constexpr):
+    """The program's batch rows, their mask, each row's length."""
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    return offs_b, mask_b, tl.load(lengths_ptr + offs_b, mask=mask_b, other=0)
+
+
+@triton.jit
+def _time_index(step, length, direction):
+    """Per batch row, the time index of `step` in the direction's order: the reverse direction
+    starts at each row's own last step. int64, for the (t, b) strides of long sequences."""
+    return tl.where(direction == 1, length - 1 - step, step).to(tl.int64)
+
+
+@triton.jit
+def _next(it):
+    """The iteration whose inputs are loaded ahead, before the barrier of iteration `it`."""
+    return it + 1
+
+
+@triton.jit
+def _gate_rows(pid_h, H, G: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Row m of the program's W tile (4 * BLOCK_H rows, gate-major: m = gate * BLOCK_H + unit) is
+    row gate * H + unit of the stacked W_hh [G * H, R]; rows of a fourth GRU gate or past H are masked."""
+    m = tl.arange(0, 4 * BLOCK_H)
+    gate = m // BLOCK_H
+    unit = pid_h * BLOCK_H + m % BLOCK_H
+    return gate * H + unit, (gate < G) & (unit < H)
+
+
+@triton.jit
+def _load_chunks(ptr, n_offsets, n_mask, K, stride_k, CHUNKS: tl.constexpr, K_FIRST: tl.constexpr,
+                 STATE_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr):
+    """The K-chunks of the matrix (n, k) -> ptr[n_offsets[n] + k * stride_k], zero for k >= K or a
+    masked n: a tuple of one tile per width in CHUNKS, [width, N] if K_FIRST else [N, width].
+    Loads are upcast at once (the interpreter's bf16 arithmetic is wrong), then cast to the MMA
+    operand type: lossless, and a no-op pair once compiled."""
+    tiles = ()
+    start = 0
+    for c in tl.static_range(len(CHUNKS)):
+        offs_k = start + tl.arange(0, CHUNKS[c])
+        if K_FIRST:
+            tile = tl.load(ptr + offs_k[:, None] * stride_k + n_offsets[None, :],
+                           mask=(offs_k[:, None] < K) & n_mask[None, :], other=0.0)
+        else:
+            tile = tl.load(ptr + n_offsets[:, None] + offs_k[None, :] * stride_k,
+                           mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+        tiles = tiles + (tile.to(STATE_DTYPE).to(MMA_DTYPE),)
+        start += CHUNKS[c]
+    return tiles
+
+
+@triton.jit
+def _chunked_dot(a, b, STATE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """sum over chunks c of a[c] @ b[c], chained on one accumulator (no reduction across warps)."""
+    acc = tl.dot(a[0], b[0], input_precision=INPUT_PRECISION, out_dtype=STATE_DTYPE)
+    for c in tl.static_range(1, len(a)):
+        acc = tl.dot(a[c], b[c], acc, input_precision=INPUT_PRECISION, out_dtype=STATE_DTYPE)
+    return acc
+
+
+@triton.jit
+def _dot_from_memory(a, ptr, offs_n, K, stride_k, CHUNKS: tl.constexpr, GROUP: tl.constexpr,
+                     STATE_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """sum over chunks c of a[c] @ B[chunk c], B (k, n) = ptr[k * stride_k + offs_n[n]] (zero for
+    k >= K), read through L2 (.cg: other programs wrote it), GROUP chunks at a time: a group's
+    chunks are loaded, then multiplied, so its shared-memory buffers are reused by the next group
+    (see the module doc)."""
+    start = 0
+    for g in tl.static_range(0, len(CHUNKS), GROUP):
+        group = ()
+        for c in tl.static_range(g, min(g + GROUP, len(CHUNKS))):
+            offs_k = start + tl.arange(0, CHUNKS[c])
+            group = group + (tl.load(ptr + offs_k[:, None] * stride_k + offs_n[None, :], mask=offs_k[:, None] < K,
+                                     other=0.0, cache_modifier=".cg").to(STATE_DTYPE).to(MMA_DTYPE),)
+            start += CHUNKS[c]
+        for c in tl.static_range(g, min(g + GROUP, len(CHUNKS))):
+            if c == 0:
+                acc = tl.dot(a[0], group[0], input_precision=INPUT_PRECISION, out_dtype=STATE_DTYPE)
+            else:
+                acc = tl.dot(a[c], group[c - g], acc, input_precision=INPUT_PRECISION, out_dtype=STATE_DTYPE)
+    return acc
+
+
+@triton.jit
+def _split4(gates):
+    """[..., gate // 2, gate % 2] -> the four gates."""
+    even, odd = tl.split(gates)
+    g0, g2 = tl.split(even)
+    g1, g3 = tl.split(odd)
+    return g0, g1, g2, g3
+
+
+@triton.jit
+def _split_gates(acc, BLOCK_H: tl.constexpr, N: tl.constexpr):
+    """[4 * BLOCK_H, N] gate-major rows -> the four gates, [BLOCK_H, N] each."""
+    return _split4(tl.permute(tl.reshape(acc, [2, 2, BLOCK_H, N]), (2, 3, 0, 1)))
+
+
+@triton.jit
+def _split_gate_columns(t, BLOCK_H: tl.constexpr):
+    """[K, 4 * BLOCK_H] gate-major columns -> the four gates' columns, [K, BLOCK_H] each."""
+    K: tl.constexpr = t.shape[0]
+    return _split4(tl.permute(tl.reshape(t, [K, 2, 2, BLOCK_H]), (0, 3, 1, 2)))
+
+
+@triton.jit
+def _join_gates(g0, g1, g2, g3, BLOCK_H: tl.constexpr, N: tl.constexpr):
+    """The inverse of _split_gates."""
+    gates = tl.join(tl.join(g0, g2), tl.join(g1, g3))  # [unit, n, gate // 2, gate % 2]
+    return tl.reshape(tl.permute(gates, (2, 3, 0, 1)), [4 * BLOCK_H, N])
+
+
+@triton.jit
+def _xbuf_tile(xbuf_ptr, parity, direction, pid_b, slot, ROWS, SLOTS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The [ROWS, BLOCK_B] block (row-major) of the exchange buffer
+    (2 step parities, D, batch tiles, SLOTS, ROWS, BLOCK_B)."""
+    block = ((parity * tl.num_programs(2) + direction) * tl.num_programs(0) + pid_b) * SLOTS + slot
+    return xbuf_ptr + block.to(tl.int64) * ROWS * BLOCK_B
+
+
+@triton.jit
+def _arrive(counter_ptr):
     tl.debug_barrier()  # every thread's exchange-buffer stores are issued before the release below
     tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-    arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-    spins = 0
-    while (arrived < target) & (spins < MAX_SPIN) & alive:
+
+
+@triton.jit
+def _poll(counter_ptr, target, budget):
+    """Compiled: every thread polls with acquire loads until the counter reaches `target` or
+    `budget` polls are spent, a warp leaving the loop together (vote.sync: the branch is uniform);
+    then the program agrees (bar.red.and) on whether every thread saw the target. 1 if so, else 0."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .pred p_wait, p_spin, p_any, p_seen, p_all;
+        .reg .u32 polls;
+        mov.u32 polls, 0;
+        POLL:
+        ld.acquire.gpu.global.u32 $0, [$1];
+        setp.lt.s32 p_wait, $0, $2;
+        setp.lt.u32 p_spin, polls, $3;
+        and.pred p_wait, p_wait, p_spin;
+        vote.sync.any.pred p_any, p_wait, 0xffffffff;
+        add.u32 polls, polls, 1;
+        @p_any bra POLL;
+        setp.ge.s32 p_seen, $0, $2;
+        bar.red.and.pred p_all, 0, p_seen;
+        selp.s32 $0, 1, 0, p_all;
+        }""", "=r,l,r,r", [counter_ptr, target, budget], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _wait(counter_ptr, target, alive, MAX_SPIN, INTERPRET: tl.constexpr):
+    """Wait until `target` programs have arrived, for at most MAX_SPIN polls. Returns False on
+    timeout; a program that timed out before (alive False) no longer waits."""
+    budget = tl.where(alive, MAX_SPIN, 0)
+    if INTERPRET:
         arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-        spins += 1
-    tl.debug_barrier()
-    return alive & (arrived >= target)
+        spins = 0
+        while (arrived < target) & (spins < budget):
+            arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+            spins += 1
+        seen = arrived >= target
+    else:
+        seen = _poll(counter_ptr, target, budget) != 0
+    return alive & seen
 
-
-# K-chunk width of the recurrent dot (see _recurrent_dot)
-K_CHUNK = 128
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
 
 
-def kernel_constexprs(cell, dtype, has_proj, split, block_b, block_h, block_r, *, interpret, allow_tf32):
-    """The compile-time parameters both kernels take (also used by the ahead-of-time compile)."""
+# the interpreter runs the approximate tanh as an emulation of its error (cells.py), for accuracy checks
+EMULATE_FAST_MATH = False
+
+
+def fast_math(dtype, *, interpret, allow_tf32):
+    """cells.FAST: the hardware's tanh.approx where the dtype's tolerance allows it (fp16, bf16,
+    fp32 with TF32), in compiled kernels; exact in the interpreter unless EMULATE_FAST_MATH."""
+    if not (dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32)):
+        return EXACT
+    if interpret:
+        return EMULATED if EMULATE_FAST_MATH else EXACT
+    return HARDWARE
+
+
+# the most of h the split tier reads back at once (see the module doc)
+H_GROUP_BYTES = 64 * 1024
+
+
+def kernel_constexprs(cell, dtype, has_proj, split, config, width, *, interpret, allow_tf32):
+    """The compile-time parameters both kernels take (also used by the ahead-of-time compile), for
+    a layer whose recurrent input (hidden or proj size) is `width` wide."""
     w_dtype = _TL_DTYPE[dtype]
     # the interpreter's bf16 arithmetic is wrong: multiply bf16-rounded values in fp32 there
     mma_dtype = tl.float32 if (interpret and dtype == torch.bfloat16) else w_dtype
-    state_dtype = tl.float64 if dtype == torch.float64 else tl.float32
+    state = tl.float64 if dtype == torch.float64 else tl.float32
     precision = "tf32" if (dtype == torch.float32 and allow_tf32 and not interpret) else "ieee"
-    return dict(CELL=LSTM if cell == "lstm" else GRU, HAS_PROJ=has_proj, SPLIT=split, BLOCK_B=block_b,
-                BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_K=min(block_r, K_CHUNK), W_DTYPE=w_dtype, MMA_DTYPE=mma_dtype,
-                STATE_DTYPE=state_dtype, INPUT_PRECISION=precision)
+    tensor_cores = dtype in (torch.float16, torch.bfloat16) or precision == "tf32"
+    chunks = recurrent_chunks(split, has_proj, config.block_h, width, K_CHUNK if tensor_cores else FMA_K_CHUNK)
+    chunk_bytes = max(chunks) * config.block_b * torch.finfo(dtype).bits // 8
+    return dict(CELL=LSTM if cell == "lstm" else GRU, HAS_PROJ=has_proj, SPLIT=split, BLOCK_B=config.block_b,
+                BLOCK_H=config.block_h, CHUNKS=tuple(chunks), H_GROUP=max(1, H_GROUP_BYTES // chunk_bytes), W_DTYPE=w_dtype, MMA_DTYPE=mma_dtype, STATE_DTYPE=state,
+                INPUT_PRECISION=precision, FAST=fast_math(dtype, interpret=interpret, allow_tf32=allow_tf32),
+                INTERPRET=interpret)
 
 
 def state_dtype(dtype):
@@ -120,16 +312,17 @@ class BarrierTimeout(RuntimeError):
 
 
 def split_scratch(split, D, grid_b, buffer_shape, buffer_dtype, device):
-    """The split tier's scratch: the step-parity exchange buffer (2, D, *buffer_shape), one barrier
-    counter per (direction, batch tile), and the timeout flag. A single program gets stubs."""
-    xbuf = torch.empty((2, D, *buffer_shape) if split > 1 else (1,), dtype=buffer_dtype, device=device)
+    """The split tier's scratch: the step-parity exchange buffer (2, D, grid_b, *buffer_shape), one
+    barrier counter per (direction, batch tile), and the timeout flag. A single program gets stubs."""
+    xbuf = torch.empty((2, D, grid_b, *buffer_shape) if split > 1 else (1,), dtype=buffer_dtype, device=device)
     counters = torch.zeros(D * grid_b if split > 1 else 1, dtype=torch.int32, device=device)
     error = torch.zeros(1, dtype=torch.int32, device=device)
     return xbuf, counters, error
 
 
-def launch(kernel, grid, args, constexprs, *, interpret, num_warps, num_stages, device, what, error, max_spin):
-    """Run `kernel` on `grid`, compiled or interpreted; raise BarrierTimeout if a barrier gave up."""
+def launch(kernel, grid, args, constexprs, *, config, interpret, device, what, error, max_spin):
+    """Run `kernel` on `grid`, compiled or interpreted; raise BarrierTimeout if a barrier gave up.
+    what: "forward" or "backward", the kernel (and its num_warps in `config`)."""
     split = grid[1]
     if interpret:
         with interpreting():
@@ -137,11 +330,10 @@ def launch(kernel, grid, args, constexprs, *, interpret, num_warps, num_stages, 
             interpreted(kernel, concurrent=split > 1)[grid](*args, **constexprs)
     else:
         with torch.cuda.device(device):  # triton launches on the current device
-            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages,
+            kernel[grid](*args, **constexprs, num_warps=config.warps(what), num_stages=config.num_stages,
                          launch_cooperative_grid=split > 1)
     if split > 1 and error.item():
         raise BarrierTimeout(
             f"persistrnn: a barrier of the split {what} kernel timed out after {max_spin} polls "
-            f"(grid={grid}, BLOCK_B={constexprs['BLOCK_B']}, BLOCK_H={constexprs['BLOCK_H']}, "
-            f"BLOCK_R={constexprs['BLOCK_R']}, num_warps={num_warps}): its programs were not all running at "
-            f"once; outputs are invalid")
+            f"(grid={grid}, {config}, K chunks={constexprs['CHUNKS']}): its "
+            f"programs were not all running at once; outputs are invalid")

@@ -15,7 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..kernels.backward import rnn_backward
-from .dispatch import KernelConfig
+from ..kernels.skeleton import KernelConfig
 from .functional import layer_forward, layer_weights, time_major
 
 
@@ -79,13 +79,11 @@ class PersistentLayer(torch.autograd.Function):
         dh0 = torch.empty_like(h0)
         dc0 = torch.empty_like(c0) if cell == "lstm" else None
         if dgates.shape[0] * dgates.shape[1] > 0:
-            config, bf = layer.config, layer.batch_first
+            bf = layer.batch_first
             rnn_backward(cell, time_major(dy, bf), dh_n, dc_n, time_major(saved, bf), time_major(y, bf), h0, c0,
                          w_hh, w_hr, lengths, time_major(dgates, bf),
                          None if dh_all is None else time_major(dh_all, bf), dh0, dc0,
-                         block_b=config.block_b, block_h=config.block_h,
-                         block_r=config.block_r, num_warps=config.num_warps, num_stages=config.num_stages,
-                         interpret=layer.interpret, allow_tf32=layer.allow_tf32)
+                         config=layer.config, interpret=layer.interpret, allow_tf32=layer.allow_tf32)
 
         rows = dgates.reshape(-1, D * G * H)  # one row per (t, b), in x's layout
         dx = (rows @ w_ih).reshape(x.shape) if ctx.needs_input_grad[1] else None

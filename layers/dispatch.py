@@ -12,8 +12,9 @@ import torch
 import triton
 
 from ..autotune.aot import TARGETS
-from ..autotune.capacity import BLOCK_B, dtype_name
+from ..autotune.capacity import BLOCK_B, dtype_name, table_config
 from ..autotune.tables import TABLES
+from ..kernels.skeleton import KernelConfig  # noqa: F401  (re-exported: the config a Dispatch carries)
 from .backend import current_backend
 
 log = logging.getLogger("persistrnn")
@@ -21,15 +22,6 @@ log = logging.getLogger("persistrnn")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16 on the GPU
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    block_b: int
-    block_h: int
-    block_r: int
-    num_warps: int = 4
-    num_stages: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,52 +73,68 @@ def target_of(device):
     return target if target and smem >= TARGETS[target]["smem"] else None
 
 
-def single_program_config(cell, dtype, hidden_size, proj_size, target="sm_90", pass_="forward"):
+def single_program_config(cell, dtype, hidden_size, target="sm_90", pass_="forward", tables=None):
     """The single-program config for these sizes, or None if its weights do not fit on-chip.
     The blocks and warp counts come from the ahead-of-time compile (autotune/tables.py); pass_
     "train" asks for a config whose forward (saving) and backward kernels both fit."""
-    held = TABLES[target][pass_]["single"][(cell, dtype_name(dtype))]
+    held = (tables or TABLES)[target][pass_]["single"][(cell, dtype_name(dtype))]
     block_h = block_for(hidden_size)
-    if block_h not in held:
-        return None
-    return KernelConfig(block_b=BLOCK_B, block_h=block_h, block_r=block_for(proj_size or hidden_size),
-                        num_warps=held[block_h])
+    return table_config(BLOCK_B, block_h, held[block_h]) if block_h in held else None
 
 
-def split_program_config(cell, dtype, hidden_size, proj_size, target="sm_90", pass_="forward"):
-    """The split tier's config for these sizes, or None if no block holds its slice on-chip."""
-    held = TABLES[target][pass_]["split"].get((cell, dtype_name(dtype), proj_size > 0), {})
-    found = held.get(block_for(proj_size or hidden_size))
-    if found is None or found[0] >= hidden_size:
-        return None
-    block_h, num_warps = found
-    return KernelConfig(block_b=BLOCK_B, block_h=block_h, block_r=block_for(proj_size or hidden_size),
-                        num_warps=num_warps)
+def table_width(widths, width):
+    """The smallest table width that holds a recurrent input of `width`, or None."""
+    return min((w for w in widths if w >= width), default=None)
+
+
+def split_program_configs(cell, dtype, hidden_size, proj_size, target="sm_90", pass_="forward", tables=None):
+    """Every split-tier config the tables hold for these sizes (BLOCK_H < hidden_size)."""
+    held = (tables or TABLES)[target][pass_]["split"].get((cell, dtype_name(dtype), proj_size > 0), {})
+    width = table_width(held, proj_size or hidden_size)
+    if width is None:
+        return []
+    return [table_config(block_b, block_h, warps) for block_b, blocks in held[width].items()
+            for block_h, warps in blocks.items() if block_h < hidden_size]
+
+
+def programs(config, batch, hidden_size, num_directions):
+    """The grid's size: batch tiles x SPLIT x directions."""
+    return -(-batch // config.block_b) * -(-hidden_size // config.block_h) * num_directions
 
 
 def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target="sm_90",
-                  pass_="forward"):
+                  pass_="forward", tables=None):
     """(config, None), or (None, why no kernel config holds these sizes on `target`) for a pass:
-    "forward" (inference) or "train" (one config for the saving forward and the backward). A pinned
-    config (pin_config) overrides the tables field by field, and raises if it cannot run."""
+    "forward" (inference) or "train" (one config for the saving forward and the backward).
+    One program per batch tile when it holds the layer (no barrier); otherwise the split config
+    with the least MMA work per program (BLOCK_H x BLOCK_B rows) whose whole grid can be resident
+    at once (ties: fewer programs). A pinned config (pin_config) overrides the choice field by
+    field, and raises if it cannot run."""
     pinned = _pinned.get() or {}
-    config = single_program_config(cell, dtype, hidden_size, proj_size, target, pass_)
-    if config is None or pinned.get("block_h", config.block_h) < hidden_size:
-        config = split_program_config(cell, dtype, hidden_size, proj_size, target, pass_) or config
+    single = single_program_config(cell, dtype, hidden_size, target, pass_, tables)
+    split = split_program_configs(cell, dtype, hidden_size, proj_size, target, pass_, tables)
+    size = lambda c: programs(c, batch, hidden_size, num_directions)  # noqa: E731
+    by_cost = sorted(split, key=lambda c: (size(c) > sms, c.block_h * c.block_b, size(c), c.block_h))
+    agrees = [c for c in ([single] if single else []) + by_cost
+              if all(getattr(c, k) == v for k, v in pinned.items())]
+    if agrees:
+        config = agrees[0]
+    elif single is not None and pinned.get("block_h", hidden_size) >= hidden_size:
+        config = single
+    else:
+        config = (by_cost or [single])[0]
     if config is None and "block_h" not in pinned:
-        single = max(TABLES[target][pass_]["single"][(cell, dtype_name(dtype))], default=0)
+        held = max((tables or TABLES)[target][pass_]["single"][(cell, dtype_name(dtype))], default=0)
         kernels = "forward and backward kernels" if pass_ == "train" else "forward kernel"
         return None, (f"hidden_size={hidden_size}{f', proj_size={proj_size}' if proj_size else ''} does not fit "
-                      f"on-chip for {cell} {dtype} on {target} ({kernels}): one program holds at most {single}, "
+                      f"on-chip for {cell} {dtype} on {target} ({kernels}): one program holds at most {held}, "
                       f"and no split block holds a recurrent input of {proj_size or hidden_size}")
     fields = dataclasses.asdict(config) if config else dict(block_b=BLOCK_B, num_warps=4, num_stages=1)
-    fields.update(pinned)
-    block_r = block_for(proj_size or hidden_size)
-    if fields["block_h"] >= hidden_size and not proj_size:
-        block_r = fields["block_h"]  # one program, no projection: h is the program's own block
-    config = KernelConfig(**{**fields, "block_r": block_r})
+    if "num_warps" in pinned:  # one pinned warp count for both kernels
+        fields["backward_warps"] = None
+    config = KernelConfig(**{**fields, **pinned})
     split = -(-hidden_size // config.block_h)
-    grid = -(-batch // config.block_b) * split * num_directions
+    grid = size(config)
     if split > 1 and grid > sms:
         why = (f"the split tier needs all {grid} programs (batch tiles x SPLIT={split} x directions) "
                f"running at once, and this device holds {sms}")

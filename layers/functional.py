@@ -68,13 +68,10 @@ def layer_forward(layer, x, h0, c0, lengths, weights, *, save):
     cn = torch.empty_like(c0) if cell == "lstm" else None
     saved = x.new_empty(*x.shape[:2], D, SAVED[cell], H, dtype=state_dtype(x.dtype)) if save else None
     if y.shape[0] * y.shape[1] > 0:  # an empty batch has nothing to launch
-        config = layer.config
         rnn_forward(cell, time_major(xproj, layer.batch_first), w_hh, b_hn, w_hr, h0, c0, lengths,
                     time_major(y, layer.batch_first), hn, cn,
                     saved=None if saved is None else time_major(saved, layer.batch_first),
-                    block_b=config.block_b, block_h=config.block_h, block_r=config.block_r,
-                    num_warps=config.num_warps, num_stages=config.num_stages, interpret=layer.interpret,
-                    allow_tf32=layer.allow_tf32)
+                    config=layer.config, interpret=layer.interpret, allow_tf32=layer.allow_tf32)
     return y, hn, cn, saved
 
 

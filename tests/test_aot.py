@@ -1,24 +1,44 @@
-"""Ahead-of-time compile (no GPU needed): every config the planner can pick is on-chip on its
-target (sm_80, sm_90), for inference (forward) and training (saving forward + backward), the
-shipped tables are maximal, and the check itself detects spills."""
+"""Ahead-of-time compile (no GPU needed): the shipped tables hold what they claim on their target
+(sm_80, sm_90), for inference (forward) and training (saving forward + backward): every single-
+program block, and every split config at the widest width of each run of widths it holds (the
+tightest of the run: a narrower width multiplies fewer K-chunks; the search that wrote the table
+compiled them all), with no spills and shared memory within the limit. For the forward pass the
+tables are also maximal: the next block up does not fit, nor does any width the search tried
+and left out (ptxas is not monotonic in the width). The check itself detects spills."""
 import pytest
 import torch
 
 from persistrnn.autotune.aot import PASSES, TARGETS, kernel_resources, prefetch
-from persistrnn.autotune.capacity import (BLOCK_B, BLOCKS, NUM_WARPS, SPLIT_BLOCK_H, SPLIT_BLOCK_R, _split_variant,
-                                          _variants, block_warps, capacity_table, single_keys, split_block,
-                                          split_keys)
+from persistrnn.autotune.capacity import (BATCH_TILES, BLOCK_B, BLOCKS, NUM_WARPS, WIDTHS, _variants, block_warps,
+                                          capacity_table, searched_widths, single_keys, split_keys, split_programs,
+                                          split_shapes, split_width_warps, table_config)
 from persistrnn.autotune.tables import TABLES
+from persistrnn.kernels.skeleton import KernelConfig
 from persistrnn.layers.dispatch import kernel_config, single_program_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "float64": torch.float64}
 SINGLE = [(t, p, cell, dtype) for t in TABLES for p in PASSES for (cell, dtype) in sorted(TABLES[t][p]["single"])]
 SPLIT = [(t, p, *key) for t in TABLES for p in PASSES for key in sorted(TABLES[t][p]["split"])]
-# Passes whose tables are also checked to be maximal (the next size up does not fit). Those failing
-# compiles are the slowest (ptxas on spilling code, every warp count): the train pass's would
-# double CI's time, so its maximality rests on the search that wrote the tables (capacity.py).
+# Passes whose tables are also checked to be maximal. Those failing compiles are the slowest
+# (ptxas on spilling code): the train pass's maximality rests on the search that wrote the tables.
 MAXIMAL = ("forward",)
+
+
+def split_checks(held, dtype, proj, target):
+    """Per (batch tile, BLOCK_H) of a split table entry: the widest width of each run of held widths
+    with its warps, and the widths to show do not fit (every other width the search tried)."""
+    checks = {}
+    for block_b in BATCH_TILES:
+        for block_h in split_shapes(block_b):
+            widths = searched_widths(DTYPES[dtype], block_h, proj, target)
+            held_at = [w for w in widths if block_h in held.get(w, {}).get(block_b, {})]
+            if not held_at:
+                continue
+            ends = {w: held[w][block_b][block_h] for i, w in enumerate(widths) if w in held_at and
+                    (i + 1 == len(widths) or widths[i + 1] not in held_at)}
+            checks[(block_b, block_h)] = ends, [w for w in widths if w not in held_at]
+    return checks
 
 
 def test_tables_cover_both_targets_and_passes():
@@ -29,29 +49,26 @@ def test_tables_cover_both_targets_and_passes():
 @pytest.fixture(scope="module", autouse=True)
 def compile_everything_first():
     """Compile, on all cores, every config the tests below look at: the shipped ones and the
-    candidates of the next size up (a compile takes seconds; the tests then read the cache)."""
+    candidates of the next size up (a compile takes a second; the tests then read the cache)."""
     keys = []
     for target, pass_, cell, dtype in SINGLE:
         held = TABLES[target][pass_]["single"][(cell, dtype)]
-        for block_h, num_warps in held.items():
-            # with a maximal pass, also the warp counts its search (capacity_table) tried first
-            warps = NUM_WARPS[:NUM_WARPS.index(num_warps) + 1] if pass_ in MAXIMAL else (num_warps,)
-            keys += single_keys(cell, DTYPES[dtype], block_h, target, warps=warps, pass_=pass_)
-        if pass_ in MAXIMAL:
+        for block_h, warps in held.items():
+            config = table_config(BLOCK_B, block_h, warps)
+            keys += [(cell, DTYPES[dtype], p, config, r, target, 1, pass_) for r, p in _variants(cell, block_h)]
+        if pass_ in MAXIMAL and len(held) < len(BLOCKS):
             keys += single_keys(cell, DTYPES[dtype], BLOCKS[len(held)], target, pass_=pass_)
     for target, pass_, cell, dtype, proj in SPLIT:
         held = TABLES[target][pass_]["split"][(cell, dtype, proj)]
-        for block_r, (block_h, num_warps) in held.items():
-            if pass_ in MAXIMAL:  # the wider blocks and smaller warp counts its search tried first
-                tried = SPLIT_BLOCK_H[:SPLIT_BLOCK_H.index(block_h)]
-                keys += split_keys(cell, DTYPES[dtype], proj, block_r, target, block_hs=tried, pass_=pass_)
-                warps = NUM_WARPS[:NUM_WARPS.index(num_warps) + 1]
-            else:
-                warps = (num_warps,)
-            keys += split_keys(cell, DTYPES[dtype], proj, block_r, target, block_hs=(block_h,), warps=warps,
-                               pass_=pass_)
-        if len(held) < len(SPLIT_BLOCK_R) and pass_ in MAXIMAL:
-            keys += split_keys(cell, DTYPES[dtype], proj, SPLIT_BLOCK_R[len(held)], target, pass_=pass_)
+        for (block_b, block_h), (ends, misses) in split_checks(held, dtype, proj, target).items():
+            for width, warps in ends.items():
+                keys.append((cell, DTYPES[dtype], proj, table_config(block_b, block_h, warps), width, target,
+                             split_programs(width, block_h, proj), pass_))
+            if pass_ in MAXIMAL:
+                for width in misses:
+                    for w in NUM_WARPS:
+                        keys += split_keys(cell, DTYPES[dtype], proj, KernelConfig(block_b, block_h, w), width,
+                                           target, pass_)
     prefetch(keys)
 
 
@@ -59,76 +76,84 @@ def compile_everything_first():
 def test_every_single_program_config_is_on_chip_and_the_next_block_is_not(target, pass_, cell, dtype):
     held = TABLES[target][pass_]["single"][(cell, dtype)]
     assert sorted(held) == list(BLOCKS[:len(held)]), "blocks must be contiguous from the smallest"
-    for block_h, num_warps in held.items():
-        for block_r, has_proj in _variants(cell, block_h):
-            res = kernel_resources(cell, DTYPES[dtype], has_proj, BLOCK_B, block_h, block_r, num_warps, 1, target,
-                                   pass_=pass_)
-            assert res.on_chip, (target, pass_, cell, dtype, block_h, block_r, has_proj, num_warps, res)
+    for block_h, warps in held.items():
+        assert isinstance(warps, tuple) == (pass_ == "train")
+        config = table_config(BLOCK_B, block_h, warps)
+        for width, has_proj in _variants(cell, block_h):
+            res = kernel_resources(cell, DTYPES[dtype], has_proj, config, width, target, 1, pass_)
+            assert res.on_chip, (target, pass_, cell, dtype, block_h, width, has_proj, config, res)
             assert res.stack == 0 and res.local == 0 and res.shared <= TARGETS[target]["smem"]
-    if pass_ in MAXIMAL:
+    if pass_ in MAXIMAL and len(held) < len(BLOCKS):
         assert block_warps(cell, DTYPES[dtype], BLOCKS[len(held)], target, pass_) is None
 
 
 @pytest.mark.parametrize("target,pass_,cell,dtype,proj", SPLIT)
-def test_every_split_config_is_on_chip_and_the_next_width_is_not(target, pass_, cell, dtype, proj):
+def test_every_split_config_is_on_chip_and_the_missing_widths_are_not(target, pass_, cell, dtype, proj):
     held = TABLES[target][pass_]["split"][(cell, dtype, proj)]
-    assert sorted(held) == list(SPLIT_BLOCK_R[:len(held)]), "widths must be contiguous from the smallest"
-    for block_r, (block_h, num_warps) in held.items():
-        split, _ = _split_variant(block_r, block_h, proj)
-        res = kernel_resources(cell, DTYPES[dtype], proj, BLOCK_B, block_h, block_r, num_warps, 1, target,
-                               split=split, pass_=pass_)
-        assert res.on_chip, (target, pass_, cell, dtype, proj, block_r, block_h, num_warps, res)
-    if len(held) < len(SPLIT_BLOCK_R) and pass_ in MAXIMAL:
-        assert split_block(cell, DTYPES[dtype], proj, SPLIT_BLOCK_R[len(held)], target, pass_) is None
+    assert list(held) == sorted(held) and set(held) <= set(WIDTHS)
+    checks = split_checks(held, dtype, proj, target)
+    assert {(b, h) for tiles in held.values() for b, blocks in tiles.items() for h in blocks} == set(checks)
+    for (block_b, block_h), (ends, misses) in checks.items():
+        for width, warps in ends.items():
+            assert isinstance(warps, tuple) == (pass_ == "train")
+            config = table_config(block_b, block_h, warps)
+            res = kernel_resources(cell, DTYPES[dtype], proj, config, width, target,
+                                   split_programs(width, block_h, proj), pass_)
+            assert res.on_chip, (target, pass_, cell, dtype, proj, width, config, res)
+        if pass_ in MAXIMAL:
+            for width in misses:
+                assert split_width_warps(cell, DTYPES[dtype], proj, block_b, block_h, width, target, pass_) is None, \
+                    (block_b, block_h, width)
 
 
 @pytest.mark.parametrize("pass_", PASSES)
 def test_planner_picks_only_shipped_configs(pass_):
     for target in TABLES:
+        sms = TARGETS[target]["sms"]
         for (cell, dtype), held in TABLES[target][pass_]["single"].items():
             for hidden in range(1, 2 * max(held) + 1):
-                for proj in ([0] if cell == "gru" else [0, 1, hidden // 2, hidden - 1]):
-                    if proj >= hidden:
-                        continue
-                    config = single_program_config(cell, DTYPES[dtype], hidden, proj, target, pass_)
-                    if config is None:
-                        assert hidden > max(held)
-                        continue
-                    assert config.num_warps == held[config.block_h]
-                    assert config.block_h >= hidden and config.block_r >= (proj or hidden)
-                    assert config.block_r <= config.block_h and config.block_b == BLOCK_B
-        for (cell, dtype, proj), held in TABLES[target][pass_]["split"].items():
-            for block_r, (block_h, num_warps) in held.items():
-                sms = TARGETS[target]["sms"]
-                hidden, proj_size = (min(4 * block_r, sms * block_h), block_r) if proj else (block_r, 0)
-                config, why = kernel_config(cell, DTYPES[dtype], hidden, proj_size, batch=16, num_directions=1,
-                                            sms=sms, target=target, pass_=pass_)
-                if single_program_config(cell, DTYPES[dtype], hidden, proj_size, target, pass_) is not None:
+                config = single_program_config(cell, DTYPES[dtype], hidden, target, pass_)
+                if config is None:
+                    assert hidden > max(held)
                     continue
-                assert why is None, why
-                assert (config.block_h, config.block_r, config.num_warps) == (block_h, block_r, num_warps)
+                assert config == table_config(BLOCK_B, config.block_h, held[config.block_h])
+                assert config.block_h >= hidden
+        for (cell, dtype, proj), held in TABLES[target][pass_]["split"].items():
+            for width, tiles in held.items():
+                hidden, proj_size = (4 * width, width) if proj else (width, 0)
+                for batch in (1, 16, 64, 256):
+                    config, why = kernel_config(cell, DTYPES[dtype], hidden, proj_size, batch=batch,
+                                                num_directions=1, sms=sms, target=target, pass_=pass_)
+                    if config is None or config.block_h >= hidden:
+                        continue
+                    assert config == table_config(config.block_b, config.block_h,
+                                                  tiles[config.block_b][config.block_h])
+                    assert -(-batch // config.block_b) * -(-hidden // config.block_h) <= sms
 
 
 def test_the_check_sees_spills():
-    """An LSTM fp32 block of 64 with 4 warps cannot hold its weights: the check must say so."""
-    res = kernel_resources("lstm", torch.float32, False, BLOCK_B, 64, 64, 4, 1, "sm_90")
+    """A 64-row tile of an LSTM bf16 H=1024 with 8 warps keeps two values across the time loop on
+    the stack: the check must say so."""
+    res = kernel_resources("lstm", torch.bfloat16, False, KernelConfig(64, 16, 8), 1024, "sm_90", 64)
     assert res.stack > 0 and not res.on_chip
 
 
 def test_the_train_pass_sees_the_backward_spill():
-    """LSTM bf16 H=1024 in 64 slices of 16 with 4 warps: the forward fits, with backward it spills."""
-    config = ("lstm", torch.bfloat16, False, BLOCK_B, 16, 1024, 4, 1, "sm_90", 64)
-    assert kernel_resources(*config, pass_="forward").on_chip
-    res = kernel_resources(*config, pass_="train")
+    """The same layer with 4 warps: the forward fits, the backward spills; 8 warps hold the backward.
+    So its train config runs the two kernels with different warp counts."""
+    config = KernelConfig(64, 16, 4)
+    assert kernel_resources("lstm", torch.bfloat16, False, config, 1024, "sm_90", 64, "forward_save").on_chip
+    res = kernel_resources("lstm", torch.bfloat16, False, config, 1024, "sm_90", 64, "train")
     assert res.stack > 0 and not res.on_chip
+    both = KernelConfig(64, 16, 4, backward_warps=8)
+    assert kernel_resources("lstm", torch.bfloat16, False, both, 1024, "sm_90", 64, "train").on_chip
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_capacity_rows(target):
-    """The report's rows (forward pass: its search is what the maximality checks above compiled)."""
-    rows = capacity_table(target, passes=MAXIMAL, parallel=False)  # the compiles are in this process's cache
+    rows = capacity_table(target)
     assert {(r["pass"], r["cell"], r["dtype"]) for r in rows} == {
-        (p, c, d) for p in MAXIMAL for c in ("lstm", "gru") for d in ("float16", "bfloat16", "float32")}
+        (p, c, d) for p in PASSES for c in ("lstm", "gru") for d in ("float16", "bfloat16", "float32")}
     for r in rows:
         assert r["target"] == target
         assert r["max_hidden"] >= max(TABLES[target][r["pass"]]["single"][(r["cell"], r["dtype"])], default=0)

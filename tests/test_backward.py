@@ -144,8 +144,8 @@ def sequential_backward_programs(monkeypatch):
 def test_a_broken_backward_barrier_is_caught(cell, monkeypatch, sequential_backward_programs, interpret):
     """The split-tier gradient check fails when the backward's barrier does not wait: program 0
     runs every step before the others have written their shares of dh."""
-    from test_split import _barrier_that_does_not_wait
-    monkeypatch.setattr(backward, "_barrier", _barrier_that_does_not_wait)
+    from test_split import _wait_that_does_not_wait
+    monkeypatch.setattr(backward, "_wait", _wait_that_does_not_wait)
     ours, ref = make_pair(cell, 4, 32, torch.float64)
     x = torch.randn(5, 2, 4, dtype=torch.float64)
     with persistrnn.pin_config(block_h=16):

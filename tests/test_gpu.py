@@ -167,3 +167,43 @@ def test_packed_gradients_match_cudnn(cell, hidden):
         assert ours.last_dispatch.config.block_h < hidden
     for g, w in zip(grads["ours"], grads["ref"]):
         assert relative_error(g, w) <= tolerance(torch.float16, "cuda")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_batch_64_at_h1024_bidirectional_runs_the_kernels_in_both_passes(cell):
+    """One batch tile of 64 rows, SPLIT = 64, both directions: 128 programs on an H100/H200."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the sm_80 tables do not hold this grid")
+    ours, ref = _pair(cell, 1024, torch.float16, dict(bidirectional=True))
+    x = torch.randn(32, 64, 64, device="cuda", dtype=torch.float16)
+    with torch.no_grad(), persistrnn.backend("triton"):
+        got, want = _outputs(ours(x)), _outputs(ref(x))
+    assert ours.last_dispatch.path == "triton" and ours.last_dispatch.config.block_b == 64, ours.last_dispatch
+    for g, w in zip(got, want):
+        assert relative_error(g, w) <= tolerance(torch.float16, "cuda")
+    ours.train(), ref.train()
+    grad_y = torch.randn(32, 64, 2 * 1024, device="cuda", dtype=torch.float16)
+    with persistrnn.backend("triton"):
+        got = _gradients(ours, x, grad_y)
+    assert ours.last_dispatch.path == "triton", ours.last_dispatch
+    want = _gradients(ref, x, grad_y)
+    for g, w in zip(got, want):
+        assert relative_error(g, w) <= tolerance(torch.float16, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fast_math_accuracy_against_float64(cell, dtype):
+    """tanh.approx in the compiled cells: ours (fp16/bf16) and cuDNN in the same dtype, each
+    against torch.nn in float64 with the same weights; ours within the dtype's tolerance. The
+    errors are printed for the report (pytest -rA shows them)."""
+    ours, ref = _pair(cell, 768, dtype, {})
+    ref64 = (nn.LSTM if cell == "lstm" else nn.GRU)(64, 768, device="cuda", dtype=torch.float64)
+    ref64.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x = torch.randn(256, 16, 64, device="cuda", dtype=dtype)
+    with torch.no_grad(), persistrnn.backend("triton"):
+        got, cudnn, exact = _outputs(ours(x)), _outputs(ref(x)), _outputs(ref64(x.double()))
+    assert ours.last_dispatch.path == "triton", ours.last_dispatch
+    errors = [(relative_error(g, e), relative_error(c, e)) for g, c, e in zip(got, cudnn, exact)]
+    print(f"fast math {cell} {dtype} H=768 T=256: relative error against float64 (ours, cuDNN): {errors}")
+    assert all(ours_err <= tolerance(dtype, "cuda") for ours_err, _ in errors)

@@ -32,10 +32,9 @@ def test_launcher_writes_every_output_with_per_row_lengths(cell, proj, dtype):
     y = torch.full((T, B, 2 * R), float("nan"), dtype=dtype)
     h_n = torch.full_like(h0, float("nan"))
     c_n = torch.full_like(c0, float("nan"))
-    config = single_program_config(cell, dtype, H, proj)
+    config = single_program_config(cell, dtype, H)
     rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0 if cell == "lstm" else h0, lengths, y, h_n,
-                c_n if cell == "lstm" else h_n, block_b=config.block_b, block_h=config.block_h,
-                block_r=config.block_r, num_warps=config.num_warps, num_stages=1, interpret=True, allow_tf32=False)
+                c_n if cell == "lstm" else h_n, config=config, interpret=True, allow_tf32=False)
 
     packed = pack_padded_sequence(x.double(), lengths, enforce_sorted=False)
     hx = (h0.double(), c0.double()) if cell == "lstm" else h0.double()
@@ -68,9 +67,8 @@ def test_backward_launcher_writes_every_output_with_per_row_lengths(cell, proj, 
     x, h0, c0 = torch.randn(T, B, I, dtype=dtype), torch.randn(2, B, R, dtype=dtype), torch.randn(2, B, H, dtype=dtype)
     dy, dh_n, dc_n = torch.randn(T, B, 2 * R, dtype=dtype), torch.randn_like(h0), torch.randn_like(c0)
     w_ih, bias_x, w_hh, b_hn, w_hr = layer_weights(cell, ours._flat_weights, 2, True, proj > 0, H)
-    config = single_program_config(cell, dtype, H, proj, pass_="train")
-    blocks = dict(block_b=config.block_b, block_h=config.block_h, block_r=config.block_r,
-                  num_warps=config.num_warps, num_stages=1, interpret=True, allow_tf32=False)
+    config = single_program_config(cell, dtype, H, pass_="train")
+    blocks = dict(config=config, interpret=True, allow_tf32=False)
     nan = float("nan")
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     y, h_n, c_n = torch.empty(T, B, 2 * R, dtype=dtype), torch.empty_like(h0), torch.empty_like(c0)

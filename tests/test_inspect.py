@@ -1,0 +1,95 @@
+"""The compiled time step, read without a GPU (`persistrnn inspect`, autotune/inspect.py): what the
+kernels the planner launches compile to on sm_90. These guard the speed work: the recurrent
+product on wgmma, no reduction across warps, each cell element's transcendentals computed once
+(one MUFU.TANH each), exact K for widths that are not powers of two, and the step's length.
+"""
+import pytest
+import torch
+
+from persistrnn.autotune.inspect import access_bytes, inspect_layer, parse_sass, step_mix, time_loop
+
+
+@pytest.fixture(scope="module")
+def lstm768():
+    return inspect_layer("lstm", torch.bfloat16, 768, 16, pass_="forward", target="sm_90")
+
+
+def test_the_forward_lstm_step_at_h768(lstm768):
+    """LSTM bf16 H=768 B=16 (the issue's shape), forward: the step the issue asks for."""
+    kernel = lstm768["kernels"]["forward"]
+    loop = kernel["time_loop"]
+    config = lstm768["config"]
+    assert config["split"] > 1 and config["k_chunks"] == [128] * 6  # 768 = 6 x 128: no padded K
+    assert set(loop["mma"]) == {"wgmma"}  # no mma.sync
+    # a wgmma is 64 rows of M = 4 * BLOCK_H by 16 of K; the warpgroups (4 warps each) share the rows
+    m_blocks_per_warpgroup = max(1, (4 * config["block_h"] // 64) // (config["num_warps"] // 4))
+    assert loop["mma"]["wgmma"] == 768 // 16 * m_blocks_per_warpgroup
+    assert loop["shuffles"] == 0  # no reduction across lanes or warps
+    assert kernel["mufu_per_cell_element"] == 5 == kernel["transcendentals_per_cell_element"]
+    assert loop["instructions"] < 600
+    assert kernel["spill_bytes"] == 0 and kernel["shared_bytes"] <= kernel["shared_limit"]
+    assert len(loop["inner_loops"]) == 1 and loop["inner_loops"][0]["instructions"] < 12  # the barrier's poll
+    assert loop["atomics"] == 1  # one arrival per step
+
+
+def test_exact_k_costs_no_padding(lstm768):
+    """H = 768 multiplies 768 columns: 3/4 of H = 1024's wgmma with the same block."""
+    lstm1024 = inspect_layer("lstm", torch.bfloat16, 1024, 16, pass_="forward", target="sm_90")
+    assert lstm1024["config"]["block_h"] == lstm768["config"]["block_h"]
+    wgmma = [r["kernels"]["forward"]["time_loop"]["mma"]["wgmma"] for r in (lstm768, lstm1024)]
+    assert wgmma[0] * 4 == wgmma[1] * 3
+
+
+def test_the_gru_runs_wgmma():
+    """GRU bf16 H=1024 B=16: its three gates padded to four blocks of rows, so M is a power of two
+    >= 64 and the product is wgmma; three transcendentals per element, once each."""
+    report = inspect_layer("gru", torch.bfloat16, 1024, 16, pass_="forward", target="sm_90")
+    kernel = report["kernels"]["forward"]
+    assert set(kernel["time_loop"]["mma"]) == {"wgmma"} and kernel["time_loop"]["shuffles"] == 0
+    assert kernel["mufu_per_cell_element"] == 3
+    assert kernel["spill_bytes"] == 0
+
+
+def test_the_train_pass_runs_wgmma_in_both_kernels():
+    report = inspect_layer("lstm", torch.bfloat16, 768, 16, pass_="train", target="sm_90")
+    for name in ("forward", "backward"):
+        kernel = report["kernels"][name]
+        assert set(kernel["time_loop"]["mma"]) == {"wgmma"}, name
+        assert kernel["spill_bytes"] == 0, name
+    assert report["kernels"]["backward"]["mufu_per_cell_element"] == 1  # tanh(c), once
+
+
+def test_batch_64_at_h1024_runs_bidirectional_in_both_passes():
+    """B = 64, H = 1024, both directions: one batch tile of 64 rows, 64 programs per direction,
+    128 of the H100's 132 SMs; every kernel on-chip."""
+    for cell in ("lstm", "gru"):
+        for pass_ in ("forward", "train"):
+            report = inspect_layer(cell, torch.float16, 1024, 64, bidirectional=True, pass_=pass_, target="sm_90")
+            assert report["config"]["grid"][0] * report["config"]["grid"][1] * 2 <= 132
+            for name, kernel in report["kernels"].items():
+                assert kernel["spill_bytes"] == 0 and kernel["shared_bytes"] <= kernel["shared_limit"], (cell, name)
+
+
+def test_sass_reading():
+    """The reader on a hand-written listing: the outermost loop holding MMA is the time loop, an
+    inner loop is counted once, widths give bytes."""
+    listing = "\n".join(f"        /*{a:04x}*/   {text} ;" for a, text in (
+        (0x00, "MOV R1, c[0x0][0x28]"),
+        (0x10, "LDG.E.128 R4, desc[UR4][R2.64]"),
+        (0x20, "HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], RZ"),
+        (0x30, "LDS.64 R8, [R3]"),
+        (0x40, "LDG.E.STRONG.GPU R9, desc[UR4][R2.64]"),
+        (0x50, "@P0 BRA 0x40"),
+        (0x60, "STG.E.U16 desc[UR4][R2.64], R9"),
+        (0x70, "@!P1 BRA 0x10"),
+        (0x80, "EXIT"),
+    ))
+    instructions = parse_sass(listing)
+    assert time_loop(instructions) == (0x10, 0x70)
+    mix = step_mix(instructions, (0x10, 0x70))
+    assert mix["instructions"] == 7 and mix["mma"] == {"wgmma": 1}
+    assert mix["global_loads"] == {"instructions": 2, "bytes_per_warp": 32 * (16 + 4)}
+    assert mix["shared_loads"] == {"instructions": 1, "bytes_per_warp": 32 * 8}
+    assert mix["global_stores"]["bytes_per_warp"] == 32 * 2
+    assert mix["inner_loops"] == [{"instructions": 2}]
+    assert access_bytes(instructions[3]) == 8
