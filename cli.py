@@ -1,4 +1,4 @@
-"""The `persistrnn` command (also `python -m persistrnn`): demo, check, capacity, inspect, bench."""
+"""The `persistrnn` command (also `python -m persistrnn`): demo, check, capacity, inspect, tune, bench."""
 import argparse
 import json
 import sys
@@ -135,6 +135,67 @@ def cmd_inspect(args):
     return 0
 
 
+def _tune_layers(args):
+    from persistrnn.autotune.space import Layer
+    passes = ["forward", "train"] if args.pass_ == "both" else [args.pass_]
+    return [Layer(cell, DTYPES[dtype], pass_, hidden, args.proj_size if cell == "lstm" else 0,
+                  2 if args.bidirectional else 1, batch)
+            for cell in args.cell for dtype in args.dtype for pass_ in passes for hidden in args.hidden
+            for batch in args.batch]
+
+
+def cmd_tune(args):
+    """Autotune this device: time every config it holds against torch.nn (cuDNN) and remember the
+    winner (or torch) per layer in $PERSISTRNN_CACHE_DIR. --static ranks the pruned configs for a
+    target without a GPU; --backend interpret runs the whole flow on CPU at tiny sizes."""
+    from tqdm import tqdm
+
+    from persistrnn.autotune import tune
+    from persistrnn.autotune.space import cheap_prune, config_space
+    interpret = args.backend == "interpret"
+    if not (args.static or interpret or torch.cuda.is_available()):
+        print("persistrnn tune: no CUDA GPU here; use --static --target sm_90|sm_80 to rank configs without one, "
+              "or --backend interpret to run the flow on CPU", file=sys.stderr)
+        return 2
+    if interpret:  # the interpreter is slow: tiny sizes unless asked otherwise
+        args.hidden, args.batch = args.hidden or [32], args.batch or [4]
+        args.seq, args.repeats = args.seq or 8, args.repeats or 3
+    args.hidden, args.batch = args.hidden or [256, 512, 768, 1024], args.batch or [1, 16, 64]
+    layers = _tune_layers(args)
+    if args.static:
+        from persistrnn.autotune.aot import TARGETS
+        total = sum(len(cheap_prune(layer, config_space(layer), args.target, TARGETS[args.target]["sms"])[0])
+                    for layer in layers)
+        with tqdm(total=total, desc="compile", unit="config", disable=args.json) as bar:
+            report = tune.static_report(layers, args.target, workers=args.workers, progress=bar.update)
+        if args.json:
+            print(json.dumps(report))
+            return 0
+        for row in report:
+            top = "; ".join(f"{i + 1}. block_b={c['block_b']} block_h={c['block_h']} warps={c['num_warps']}"
+                            + (f"/{c['backward_warps']}" if c["backward_warps"] else "") + f" cost={c['cost']}"
+                            for i, c in enumerate(row["ranking"][:3])) or "none"
+            print(f"{row['layer']} ({row['target']}): {row['survivors']} survive of "
+                  f"{row['survivors'] + len(row['pruned'])}; {top}")
+        return 0
+    device = torch.device("cpu" if interpret else "cuda")
+    with tqdm(total=len(layers), desc="tune", unit="layer", disable=args.json) as bar:
+        entries, path = tune.tune(layers, device, seq=args.seq or 256, repeats=args.repeats or 10,
+                                  max_candidates=args.max_candidates, workers=args.workers, progress=bar.update)
+    rows = [dict(shape=e["layer"], winner=e["choice"] if e["choice"] == "torch" else " ".join(
+                     f"{k}={v}" for k, v in e["config"].items() if v is not None),
+                 ms=e["ms"], torch_ms=e["torch_ms"],
+                 ratio=round(e["torch_ms"] / e["ms"], 3) if e["ms"] else None) for e in entries.values()]
+    if args.json:
+        print(json.dumps({"table": path, "entries": entries}))
+    else:
+        if interpret:
+            print("times: wall clock on CPU through the Triton interpreter, not GPU speed")
+        _print_table(rows, ["shape", "winner", "ms", "torch_ms", "ratio"])
+        print(f"table: {path}")
+    return 0
+
+
 def cmd_bench(argv):
     """Forward and training-step benchmark against torch.nn (cuDNN); needs a GPU."""
     from persistrnn.benchmarks import bench_layer
@@ -170,6 +231,24 @@ def build_parser():
                    help="write the compiled kernels to DIR/forward.cubin (and DIR/backward.cubin)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("tune", help=cmd_tune.__doc__, description=cmd_tune.__doc__)
+    p.add_argument("--cell", nargs="+", choices=["lstm", "gru"], default=["lstm", "gru"])
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["bfloat16"])
+    p.add_argument("--hidden", nargs="+", type=int, default=None, help="hidden sizes (default 256 512 768 1024)")
+    p.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 1 16 64)")
+    p.add_argument("--bidirectional", action="store_true")
+    p.add_argument("--proj-size", type=int, default=0, help="LSTM only")
+    p.add_argument("--pass", dest="pass_", choices=["forward", "train", "both"], default="both")
+    p.add_argument("--seq", type=int, default=None, help="sequence length timed (default 256)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (default 10)")
+    p.add_argument("--max-candidates", type=int, default=8, help="best statically ranked configs timed per layer")
+    p.add_argument("--workers", type=int, default=None, help="compile processes (default: all cores)")
+    p.add_argument("--static", action="store_true", help="rank the pruned configs for --target, no GPU needed")
+    p.add_argument("--target", choices=["sm_80", "sm_90"], default="sm_90")
+    p.add_argument("--backend", choices=["triton", "interpret"], default="triton",
+                   help="interpret: the whole flow on CPU through the Triton interpreter (tiny sizes)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_tune)
     # listed for --help; main() hands its arguments to benchmarks/bench_layer.py untouched
     sub.add_parser("bench", help=cmd_bench.__doc__, add_help=False)
     return parser

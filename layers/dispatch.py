@@ -6,11 +6,14 @@ and logged at DEBUG level on the `persistrnn` logger.
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
+import warnings
 
 import torch
 import triton
 
+from ..autotune import cache
 from ..autotune.aot import TARGETS
 from ..autotune.capacity import BLOCK_B, dtype_name, table_config
 from ..autotune.tables import TABLES
@@ -41,17 +44,21 @@ DEFAULT_SMS = 132
 
 
 @contextlib.contextmanager
-def pin_config(block_h=None, block_b=None, num_warps=None, num_stages=None):
-    """Pin the kernel config of every launch inside the block (any argument optional).
-    block_h < hidden_size selects the split tier with SPLIT = cdiv(hidden_size, block_h).
-    A config that cannot run for a layer's shapes raises ValueError at that layer's call."""
-    pinned = dict(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=num_stages)
+def pin_config(block_h=None, block_b=None, num_warps=None, num_stages=None, backward_warps=None):
+    """Pin the kernel config of every launch inside the block (any argument optional); it
+    overrides the tuned, shipped and static tables. block_h < hidden_size selects the split tier
+    with SPLIT = cdiv(hidden_size, block_h). num_warps alone pins both kernels' warps;
+    backward_warps pins the backward kernel's apart. A config that cannot run for a layer's
+    shapes raises ValueError at that layer's call."""
+    pinned = dict(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=num_stages,
+                  backward_warps=backward_warps)
     for name in ("block_h", "block_b"):
         value = pinned[name]
         if value is not None and (not isinstance(value, int) or value < MIN_BLOCK or value & (value - 1)):
             raise ValueError(f"pin_config: {name} must be a power of two >= {MIN_BLOCK}, got {value!r}")
-    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
-        raise ValueError(f"pin_config: num_warps must be a power of two from 1 to 32, got {num_warps!r}")
+    for name in ("num_warps", "backward_warps"):
+        if pinned[name] is not None and pinned[name] not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"pin_config: {name} must be a power of two from 1 to 32, got {pinned[name]!r}")
     if num_stages is not None and (not isinstance(num_stages, int) or num_stages < 1):
         raise ValueError(f"pin_config: num_stages must be an int >= 1, got {num_stages!r}")
     token = _pinned.set({k: v for k, v in pinned.items() if v is not None})
@@ -130,7 +137,7 @@ def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sm
                       f"on-chip for {cell} {dtype} on {target} ({kernels}): one program holds at most {held}, "
                       f"and no split block holds a recurrent input of {proj_size or hidden_size}")
     fields = dataclasses.asdict(config) if config else dict(block_b=BLOCK_B, num_warps=4, num_stages=1)
-    if "num_warps" in pinned:  # one pinned warp count for both kernels
+    if "num_warps" in pinned and "backward_warps" not in pinned:  # one pinned warp count for both kernels
         fields["backward_warps"] = None
     config = KernelConfig(**{**fields, **pinned})
     split = -(-hidden_size // config.block_h)
@@ -169,7 +176,60 @@ def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_d
                                  f"{props.shared_memory_per_block_optin // 1024} KB shared memory per block)")
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
     pass_ = "train" if grad_needed else "forward"
+    what = "kernels (forward saving for backward, backward)" if grad_needed else "kernel"
+    if not _pinned.get():  # a pinned config overrides the tuned and shipped tables too
+        tuned, where = tuned_choice(cell, device, dtype, hidden_size, proj_size, batch, num_directions, sms,
+                                    target, pass_)
+        if tuned == "torch":
+            return Dispatch("torch", where)
+        if tuned is not None:
+            return Dispatch(name, f"{what}; config from {where}", tuned)
     config, why = kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target, pass_)
     if config is None:
         return Dispatch("torch", why)
-    return Dispatch(name, "kernels (forward saving for backward, backward)" if grad_needed else "kernel", config)
+    return Dispatch(name, f"{what}; config from the static tables (autotune/tables.py)", config)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_key(device_type, index, sms):
+    device = torch.device(device_type, index) if index is not None else torch.device(device_type)
+    return cache.device_key(device, sms)
+
+
+def tuned_choice(cell, device, dtype, hidden_size, proj_size, batch, num_directions, sms, target, pass_):
+    """What `persistrnn tune` decided for this layer on this device: (config, where) from the
+    user's tuned table, else the shipped one; ("torch", why) where torch.nn won the timing;
+    (None, None) where neither table has the layer, or its config cannot run this call (then
+    the static tables decide)."""
+    index = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    key = _device_key(device.type, index, sms)
+    entry, source, path = cache.lookup(key, cache.layer_key(cell, dtype, pass_, hidden_size, proj_size,
+                                                            num_directions, batch))
+    if entry is None:
+        return None, None
+    where = f"the {source} table {path}"
+    if entry["choice"] == "torch":
+        return "torch", (f"{where} chose PyTorch's native RNN for this layer: torch.nn took {entry.get('torch_ms')} ms "
+                         f"and the best kernel config {entry.get('ms')} ms (T={entry.get('seq')})")
+    config = KernelConfig(**entry["config"])
+    split = -(-hidden_size // config.block_h)
+    if split > 1 and programs(config, batch, hidden_size, num_directions) > sms:
+        return None, None
+    if source == "shipped" and not _shipped_config_on_chip(cell, dtype, proj_size > 0, config,
+                                                           proj_size or hidden_size, target, split, pass_, path):
+        return None, None
+    return config, where
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_config_on_chip(cell, dtype, has_proj, config, width, target, split, pass_, path):
+    """A shipped table's config is re-validated against the static check (the ahead-of-time
+    compile), once per process and config; a config that fails it is warned about and unused."""
+    from ..autotune.aot import kernel_resources
+    if kernel_resources(cell, dtype, has_proj, config, width, target, split, pass_).on_chip:
+        return True
+    warnings.warn(f"persistrnn: the shipped table {path} holds {config} for {cell} {dtype} width {width}, which "
+                  f"does not compile on-chip for {target}: the static tables decide instead", RuntimeWarning)
+    return False

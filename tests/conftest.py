@@ -22,6 +22,14 @@ def fresh_seed(request):
     return seed
 
 
+@pytest.fixture(autouse=True)
+def own_cache_dir(tmp_path_factory, monkeypatch):
+    """Every test sees an empty tuned-table cache of its own, never the user's ~/.cache/persistrnn."""
+    path = tmp_path_factory.mktemp("persistrnn-cache")
+    monkeypatch.setenv("PERSISTRNN_CACHE_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def launches(monkeypatch):
     """The keyword arguments of every forward kernel launch (the launcher still runs)."""

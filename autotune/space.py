@@ -1,0 +1,162 @@
+"""The tuner's config space for one layer, its static pruning, and a static cost to rank it.
+
+Space, per (cell, dtype, pass, tier): BLOCK_B in BATCH_TILES; BLOCK_H a power of two from 16,
+below the hidden size (split tier) or the one block that holds it (single tier); num_warps 4 or
+8, and for the train pass the backward kernel's warps apart (4 or 8); num_stages 1 (the time loop
+is not software-pipelined: its K-chunks are unrolled and the next step's loads are issued by
+hand, so Triton's stages have nothing to pipeline). The kernels have no other variants: the
+speed issue's choices (K-chunks, fast math, the poll) follow from the dtype and shapes.
+
+Pruning, before any timing, in this order:
+1. batch tiles larger than the batch's bucket (all rows but padding);
+2. weights over the target's shared memory (an estimate, to skip hopeless compiles);
+3. grids that cannot all be resident at once (split tier: batch tiles x SPLIT x directions >
+   SMs). The barrier would wait for programs that never start: this check is a guarantee;
+4. the ahead-of-time compile for the target (aot.py), in parallel processes: spills, shared
+   memory over the limit, or a compiler error.
+
+Static cost (lower is better), from `persistrnn inspect`'s per-step instruction mix of each
+kernel of the pass: instructions one warp issues per step x ceil(warps / 4) (an SM's 4 schedulers
+issue one instruction per cycle each, and a program's warps share them), plus BARRIER_CYCLES per
+step for the split tier (DESIGN.md: about 3 L2 round trips of 130-250 ns, ~1000 cycles at
+1.75 GHz). Summed over the pass's kernels. It ranks; it is not a time.
+"""
+import concurrent.futures
+import dataclasses
+import os
+
+import torch
+
+from ..kernels.skeleton import KernelConfig
+from .aot import TARGETS, compile_kernel, disassemble, resources_of
+from .cache import batch_bucket
+from .capacity import BATCH_TILES, NUM_WARPS, weight_bytes
+
+BARRIER_CYCLES = 1000
+SCHEDULERS_PER_SM = 4
+NUM_STAGES = (1,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    cell: str
+    dtype: object  # torch.dtype
+    pass_: str  # "forward" or "train"
+    hidden_size: int
+    proj_size: int = 0
+    num_directions: int = 1
+    batch: int = 16
+
+    @property
+    def width(self):
+        return self.proj_size or self.hidden_size
+
+    def split(self, config):
+        return -(-self.hidden_size // config.block_h)
+
+    def programs(self, config):
+        return -(-self.batch // config.block_b) * self.split(config) * self.num_directions
+
+    def describe(self):
+        extra = (f" proj={self.proj_size}" if self.proj_size else "") + (" bidir" if self.num_directions == 2 else "")
+        return (f"{self.cell} {str(self.dtype).replace('torch.', '')} {self.pass_} H={self.hidden_size}{extra} "
+                f"B={self.batch}")
+
+
+def config_space(layer):
+    """Every config of the space for this layer, before pruning."""
+    single = max(16, 1 << (layer.hidden_size - 1).bit_length())
+    blocks = [b for b in (16, 32, 64, 128) if b < layer.hidden_size] + [single]
+    backward = NUM_WARPS if layer.pass_ == "train" else (None,)
+    return [KernelConfig(block_b, block_h, warps, stages, bwd)
+            for block_b in BATCH_TILES for block_h in dict.fromkeys(blocks) for warps in NUM_WARPS
+            for stages in NUM_STAGES for bwd in backward]
+
+
+def cheap_prune(layer, configs, target, sms):
+    """(kept, dropped): dropped is [(config, reason)] for steps 1-3 of the pruning."""
+    kept, dropped = [], []
+    smem = TARGETS[target]["smem"]
+    for c in configs:
+        split = layer.split(c)
+        if c.block_b > max(16, batch_bucket(layer.batch)):
+            dropped.append((c, f"batch tile {c.block_b} > batch bucket {batch_bucket(layer.batch)}"))
+        elif weight_bytes(layer.dtype, c.block_h, layer.width, layer.proj_size > 0) > smem:
+            dropped.append((c, f"weights over {smem} B of shared memory"))
+        elif split > 1 and layer.programs(c) > sms:
+            dropped.append((c, f"{layer.programs(c)} programs cannot all be resident on {sms} SMs"))
+        else:
+            kept.append(c)
+    return kept, dropped
+
+
+def _kernels(pass_):
+    return ("forward",) if pass_ == "forward" else ("forward_save", "backward")
+
+
+def compiled_cost(layer, config, target):
+    """Compile the pass's kernels for `target` as a launch of `layer` would; returns
+    {"on_chip", "reason", "cost", "kernels": {name: {registers, spill_bytes, shared_bytes, instructions}}}.
+    fp32 compiles with TF32 dots and with IEEE ones (torch's flag may change after tuning) and
+    must be on-chip with both; the instructions counted are those of the flag set now."""
+    from .inspect import parse_sass, step_mix, time_loop
+    shape = (layer.hidden_size, layer.width, layer.batch, layer.num_directions)
+    tf32_now = torch.backends.cudnn.allow_tf32
+    modes = (tf32_now, not tf32_now) if layer.dtype == torch.float32 else (False,)
+    row = {"on_chip": True, "reason": None, "cost": 0, "kernels": {}}
+    for kernel in _kernels(layer.pass_):
+        for allow_tf32 in modes:
+            try:
+                compiled = compile_kernel(kernel, layer.cell, layer.dtype, layer.proj_size > 0, config, shape, target,
+                                          allow_tf32=allow_tf32)
+            except Exception as exc:  # noqa: BLE001 - a config the compiler rejects is pruned, with its reason
+                return dict(row, on_chip=False, reason=f"{kernel}: compile error {type(exc).__name__}", cost=None)
+            res = resources_of(compiled, target)
+            if not res.on_chip:
+                why = "spills" if res.stack or res.local else f"shared memory {res.shared} > {res.smem_limit} B"
+                dots = (" with TF32 dots" if allow_tf32 else " with IEEE dots") if len(modes) > 1 else ""
+                return dict(row, on_chip=False, reason=f"{kernel}: {why}{dots}", cost=None)
+            if allow_tf32 != tf32_now and len(modes) > 1:
+                continue
+            instructions = parse_sass(disassemble(compiled.asm["cubin"]))
+            span = time_loop(instructions)
+            if span is None:
+                return dict(row, on_chip=False, reason=f"{kernel}: no time loop found in the SASS", cost=None)
+            steps = step_mix(instructions, span)["instructions"]
+            warps = config.warps("backward" if kernel == "backward" else "forward")
+            row["kernels"][kernel] = {"registers": res.regs, "spill_bytes": res.stack + res.local,
+                                      "shared_bytes": res.shared, "instructions": steps, "num_warps": warps}
+            row["cost"] += steps * -(-warps // SCHEDULERS_PER_SM) + (BARRIER_CYCLES if layer.split(config) > 1 else 0)
+    return row
+
+
+def _compiled_cost_job(job):
+    return compiled_cost(*job)
+
+
+def static_rank(layer, target, sms=None, workers=None, progress=None):
+    """The layer's pruned space on `target`, ranked by static cost: (ranked, dropped), ranked a list
+    of (config, row) best first (ties: fewer programs, then smaller tiles), dropped a list of
+    (config, reason). Compiles in `workers` processes (default: all cores)."""
+    sms = sms or TARGETS[target]["sms"]
+    kept, dropped = cheap_prune(layer, config_space(layer), target, sms)
+    jobs = [(layer, c, target) for c in kept]
+    if workers == 1 or len(jobs) <= 1:
+        rows = [_compiled_cost_job(j) for j in jobs]
+        for _ in rows:
+            progress and progress()
+    else:
+        with concurrent.futures.ProcessPoolExecutor(min(workers or os.cpu_count(), len(jobs))) as pool:
+            rows = []
+            for row in pool.map(_compiled_cost_job, jobs):
+                rows.append(row)
+                progress and progress()
+    ranked = []
+    for c, row in zip(kept, rows):
+        if row["on_chip"]:
+            ranked.append((c, row))
+        else:
+            dropped.append((c, row["reason"]))
+    ranked.sort(key=lambda cr: (cr[1]["cost"], layer.programs(cr[0]), cr[0].block_h * cr[0].block_b,
+                                cr[0].num_warps))
+    return ranked, dropped

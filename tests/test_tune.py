@@ -1,0 +1,299 @@
+"""The autotuner without a GPU: config space and pruning, keys, the per-device cache (round trip,
+corrupted, stale and concurrent files), the whole flow through the interpreter, and the planner's
+lookup order (pin > tuned table > shipped table > static tables)."""
+import json
+import os
+
+import pytest
+import torch
+
+import persistrnn
+from persistrnn import cli
+from persistrnn.autotune import cache, space, tune
+from persistrnn.autotune.space import Layer
+from persistrnn.kernels.skeleton import KernelConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore:persistrnn. ignoring the tuned table")
+
+INTERPRETER = torch.device("cpu")
+
+
+def interpreter_key():
+    from persistrnn.layers.dispatch import DEFAULT_SMS
+    return cache.device_key(INTERPRETER, DEFAULT_SMS)
+
+
+def kernel_entry(config, **extra):
+    import dataclasses
+    return dict({"choice": "kernel", "config": dataclasses.asdict(config), "ms": 1.0, "torch_ms": 2.0, "seq": 8},
+                **extra)
+
+
+# --- space and pruning -----------------------------------------------------------------------
+
+def test_space_covers_both_tiers_batch_tiles_and_warps():
+    layer = Layer("lstm", torch.float16, "train", 100, batch=40)
+    configs = space.config_space(layer)
+    assert {c.block_h for c in configs} == {16, 32, 64, 128}  # 128: the single program holding H=100
+    assert {c.block_b for c in configs} == {16, 32, 64}
+    assert {(c.num_warps, c.backward_warps) for c in configs} == {(4, 4), (4, 8), (8, 4), (8, 8)}
+    assert {c.backward_warps for c in space.config_space(Layer("gru", torch.float16, "forward", 100))} == {None}
+
+
+def test_cheap_pruning_reasons():
+    # batch tiles beyond the batch's bucket; weights over shared memory; grids that cannot be co-resident
+    small = Layer("lstm", torch.float16, "forward", 64, batch=3)
+    kept, dropped = space.cheap_prune(small, space.config_space(small), "sm_90", 132)
+    assert {c.block_b for c in kept} == {16} and all("batch bucket 4" in why for _, why in dropped)
+    big = Layer("lstm", torch.float32, "forward", 2048, batch=16)
+    kept, dropped = space.cheap_prune(big, space.config_space(big), "sm_90", 132)
+    assert any(c.block_h == 128 and "shared memory" in why for c, why in dropped)
+    assert all(c.block_h * 16 * 2048 <= 227 * 1024 for c in kept)
+    wide = Layer("gru", torch.bfloat16, "forward", 1024, num_directions=2, batch=64)
+    kept, dropped = space.cheap_prune(wide, space.config_space(wide), "sm_90", 132)
+    assert kept and all(wide.programs(c) <= 132 for c in kept)
+    assert any("cannot all be resident on 132 SMs" in why for _, why in dropped)
+    # the same layer on a smaller device keeps less
+    assert len(space.cheap_prune(wide, space.config_space(wide), "sm_90", 64)[0]) < len(kept)
+
+
+def test_compiled_pruning_drops_spills_and_ranks_the_rest():
+    """fp32 LSTM, H = 64: one program of 64 units compiles on-chip with TF32 dots but spills with
+    IEEE ones, so it is pruned (the flag may change after tuning); the split configs survive,
+    ranked by static cost (the barrier's cycles count against them)."""
+    layer = Layer("lstm", torch.float32, "forward", 64, batch=16)
+    ranked, dropped = space.static_rank(layer, "sm_90", workers=2)
+    assert [why for c, why in dropped if c.block_h == 64 and c.block_b == 16] == ["forward: spills with IEEE dots"] * 2
+    assert {c.block_h for c, _ in ranked} == {16, 32}
+    costs = [row["cost"] for _, row in ranked]
+    assert costs == sorted(costs) and all(cost > space.BARRIER_CYCLES for cost in costs)
+    for c, row in ranked:
+        steps = row["kernels"]["forward"]["instructions"]
+        assert row["cost"] == steps * (c.num_warps // 4) + space.BARRIER_CYCLES
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+def test_batch_buckets_and_layer_keys():
+    assert [cache.batch_bucket(b) for b in (1, 2, 3, 8, 9, 16, 17, 64, 65)] == [1, 2, 4, 8, 16, 16, 32, 64, 128]
+    key = cache.layer_key("lstm", torch.bfloat16, "train", 768, 0, 2, 12)
+    assert key == "lstm|bfloat16|train|hidden=768|proj=0|directions=2|batch<=16"
+    assert key == cache.layer_key("lstm", torch.bfloat16, "train", 768, 0, 2, 16)
+    others = [cache.layer_key(*args) for args in [("gru", torch.bfloat16, "train", 768, 0, 2, 12),
+                                                  ("lstm", torch.float16, "train", 768, 0, 2, 12),
+                                                  ("lstm", torch.bfloat16, "forward", 768, 0, 2, 12),
+                                                  ("lstm", torch.bfloat16, "train", 512, 0, 2, 12),
+                                                  ("lstm", torch.bfloat16, "train", 768, 256, 2, 12),
+                                                  ("lstm", torch.bfloat16, "train", 768, 0, 1, 12),
+                                                  ("lstm", torch.bfloat16, "train", 768, 0, 2, 17)]]
+    assert len(set(others + [key])) == 8
+
+
+def test_device_key_names_versions():
+    import triton
+    key = interpreter_key()
+    assert key["triton"] == triton.__version__ and key["persistrnn"] == persistrnn.__version__
+    assert cache.device_slug({"name": "NVIDIA H100 80GB HBM3"}) == "nvidia-h100-80gb-hbm3"
+    assert cache.table_path(key).startswith(os.environ["PERSISTRNN_CACHE_DIR"])
+
+
+# --- the cache file --------------------------------------------------------------------------
+
+def test_round_trip_and_merge():
+    key = interpreter_key()
+    a, b = KernelConfig(16, 32, 8), KernelConfig(32, 16, 4, backward_warps=8)
+    path = cache.write_entries(key, {"layer a": kernel_entry(a)})
+    cache.write_entries(key, {"layer b": kernel_entry(b), "layer c": {"choice": "torch"}})
+    entries = cache.read_table(path, key)
+    assert set(entries) == {"layer a", "layer b", "layer c"}
+    assert KernelConfig(**entries["layer b"]["config"]) == b and entries["layer c"]["choice"] == "torch"
+    assert not [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("content, says", [
+    ("{not json", "not readable JSON"),
+    ('{"format": 99, "entries": {}}', "not a persistrnn tuned table"),
+    ("[1, 2]", "not a persistrnn tuned table"),
+])
+def test_corrupted_files_are_warned_once_and_ignored(content, says):
+    key = interpreter_key()
+    path = cache.table_path(key)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(content)
+    with pytest.warns(RuntimeWarning, match=says):
+        assert cache.read_table(path, key) == {}
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.read_table(path, key) == {}  # once: the second read is silent
+    # and a write over it starts a clean table
+    cache.write_entries(key, {"x": {"choice": "torch"}})
+    assert cache.read_table(path, key) == {"x": {"choice": "torch"}}
+
+
+def test_stale_files_are_ignored(recwarn):
+    key = interpreter_key()
+    stale = dict(key, triton="3.5.0")
+    path = cache.write_entries(stale, {"x": kernel_entry(KernelConfig(16, 16))})
+    assert path == cache.table_path(key)
+    assert cache.read_table(path, key) == {}
+    assert any("triton '3.5.0'" in str(w.message) for w in recwarn.list)
+    # invalid entries inside a valid file are skipped, not trusted
+    cache.write_entries(key, {"good": kernel_entry(KernelConfig(16, 16)), "bad": {"choice": "kernel", "config": {}},
+                              "worse": "text"})
+    assert set(cache.read_table(path, key)) == {"good"}
+
+
+WRITER = """
+import sys, time, torch
+from persistrnn.autotune import cache
+key = cache.device_key(torch.device("cpu"), int(sys.argv[2]))
+while time.time() < float(sys.argv[3]):  # all writers start together
+    time.sleep(0.001)
+for i in range(40):
+    cache.write_entries(key, {f"w{sys.argv[1]}-{i}": {"choice": "torch", "i": i}})
+"""
+
+
+def test_concurrent_writers_lose_nothing():
+    """Three processes write 40 entries each into the same file at once: the lock and the
+    re-read-and-merge keep all 120 (without the lock, writes are lost)."""
+    import subprocess
+    import sys
+    import time
+    key = interpreter_key()
+    start = str(time.time() + 8)  # after every writer has imported torch
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(w), str(key["sms"]), start]) for w in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    entries = cache.read_table(cache.table_path(key), key)
+    assert set(entries) == {f"w{w}-{i}" for w in range(3) for i in range(40)}
+
+
+# --- the decision ----------------------------------------------------------------------------
+
+def test_decide_margin_and_torch():
+    a, b = KernelConfig(16, 16), KernelConfig(16, 32)
+    assert tune.decide({a: 1.00, b: 1.02}, torch_ms=5.0, previous=b) == (b, b)  # within the margin: keep
+    assert tune.decide({a: 1.00, b: 1.10}, torch_ms=5.0, previous=b) == (a, a)  # past it: switch
+    assert tune.decide({a: 1.00, b: 1.10}, torch_ms=0.9) == (tune.TORCH, a)  # cuDNN wins: torch
+    assert tune.decide({a: 1.00}, torch_ms=0.9, torch_can_win=False) == (a, a)
+
+
+# --- the planner's lookup order --------------------------------------------------------------
+
+def _dispatch(layer, x):
+    with persistrnn.backend("interpret"), torch.no_grad():
+        layer(x)
+    return layer.last_dispatch
+
+
+def test_lookup_order_pin_tuned_shipped_static(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "SHIPPED_DIR", str(tmp_path / "shipped"))
+    layer, x = persistrnn.GRU(8, 32), torch.randn(5, 3, 8)
+    name = cache.layer_key("gru", torch.float32, "forward", 32, 0, 1, 3)
+    d = _dispatch(layer, x)
+    assert "static tables" in d.reason
+    static = d.config
+
+    shipped = KernelConfig(16, 16, 8)
+    assert shipped != static
+    cache.write_entries(interpreter_key(), {name: kernel_entry(shipped)}, str(tmp_path / "shipped"))
+    d = _dispatch(layer, x)
+    assert d.config == shipped and "the shipped table" in d.reason and d.path == "interpret"
+
+    tuned = KernelConfig(16, 32, 8)
+    cache.write_entries(interpreter_key(), {name: kernel_entry(tuned)})
+    d = _dispatch(layer, x)
+    assert d.config == tuned and "the tuned table" in d.reason
+
+    with persistrnn.pin_config(block_h=16, num_warps=4):
+        d = _dispatch(layer, x)
+    assert (d.config.block_h, d.config.num_warps) == (16, 4) and "static tables" in d.reason
+
+    # other batch bucket: not this entry
+    assert "static tables" in _dispatch(layer, torch.randn(5, 5, 8)).reason
+
+    cache.write_entries(interpreter_key(), {name: {"choice": "torch", "ms": 3.0, "torch_ms": 1.0, "seq": 8}})
+    d = _dispatch(layer, x)
+    assert d.path == "torch" and "chose PyTorch's native RNN" in d.reason and "1.0 ms" in d.reason
+
+
+def test_shipped_config_that_is_not_on_chip_is_revalidated_away(tmp_path, monkeypatch):
+    """A shipped table is re-checked against the ahead-of-time compile when used: the fp32 single
+    program of 64 units spills with IEEE dots, so the static tables decide instead."""
+    from persistrnn.layers import dispatch
+    monkeypatch.setattr(cache, "SHIPPED_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    dispatch._shipped_config_on_chip.cache_clear()
+    name = cache.layer_key("lstm", torch.float32, "forward", 64, 0, 1, 2)
+    cache.write_entries(interpreter_key(), {name: kernel_entry(KernelConfig(16, 64, 4))}, str(tmp_path))
+    layer = persistrnn.LSTM(4, 64)
+    with pytest.warns(RuntimeWarning, match="does not compile on-chip for sm_90"):
+        d = _dispatch(layer, torch.randn(3, 2, 4))
+    assert "static tables" in d.reason and d.config.block_h < 64
+
+
+def test_tuned_config_whose_grid_does_not_fit_falls_back(monkeypatch):
+    from persistrnn.layers import dispatch
+    monkeypatch.setattr(dispatch, "DEFAULT_SMS", 2)
+    dispatch._device_key.cache_clear()
+    key = cache.device_key(INTERPRETER, 2)
+    name = cache.layer_key("gru", torch.float32, "forward", 64, 0, 1, 4)
+    cache.write_entries(key, {name: kernel_entry(KernelConfig(16, 16, 4))})  # 4 programs > 2 SMs
+    d = _dispatch(persistrnn.GRU(4, 64), torch.randn(3, 4, 4))
+    assert "tuned" not in d.reason
+    dispatch._device_key.cache_clear()
+
+
+# --- the whole flow through the interpreter --------------------------------------------------
+
+def test_tune_through_the_interpreter_end_to_end(capsys):
+    """Candidates, checks against torch.nn, timing, the winner in the cache file, and the planner
+    launching the winner."""
+    argv = ["tune", "--backend", "interpret", "--cell", "gru", "--dtype", "float32", "--hidden", "32",
+            "--batch", "3", "--pass", "train", "--seq", "4", "--repeats", "2", "--max-candidates", "3", "--json"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    entry = out["entries"]["gru|float32|train|hidden=32|proj=0|directions=1|batch<=4"]
+    assert entry["choice"] == "kernel" and "not GPU speed" in entry["timing"]
+    assert entry["candidates"] >= 3 and entry["rejected"] == [] and entry["ms"] > 0 and entry["torch_ms"] > 0
+    assert len(entry["ranking"]) == 3 and entry["ranking"][0][0] == entry["config"]
+    assert out["table"] == cache.table_path(interpreter_key())
+    winner = KernelConfig(**entry["config"])
+    layer = persistrnn.GRU(8, 32)
+    x = torch.randn(6, 3, 8, requires_grad=True)
+    with persistrnn.backend("interpret"):
+        layer(x)[0].sum().backward()
+    assert layer.last_dispatch.config == winner and "the tuned table" in layer.last_dispatch.reason
+
+
+def test_a_candidate_with_wrong_results_is_rejected(monkeypatch):
+    real = tune._Bench.run
+
+    def wrong_for_one(self, config, backend):
+        y, gx = real(self, config, backend)
+        return (y + 1 if config is not None and config.num_warps == 8 else y), gx
+    monkeypatch.setattr(tune._Bench, "run", wrong_for_one)
+    entry = tune.tune_layer(Layer("lstm", torch.float32, "forward", 32, batch=2), INTERPRETER, seq=3, repeats=1,
+                            max_candidates=4)
+    assert entry["rejected"] and all(c["num_warps"] == 8 and "relative error" in why for c, why in entry["rejected"])
+    assert entry["config"]["num_warps"] == 4
+
+
+def test_static_ranking_from_the_cli(capsys):
+    argv = ["tune", "--static", "--target", "sm_80", "--cell", "lstm", "--dtype", "float32", "--hidden", "64",
+            "--batch", "16", "--pass", "forward", "--json", "--workers", "2"]
+    assert cli.main(argv) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["target"] == "sm_80" and row["survivors"] == len(row["ranking"]) > 0
+    assert [r["cost"] for r in row["ranking"]] == sorted(r["cost"] for r in row["ranking"])
+    assert row["top"][0] == {k: row["ranking"][0][k] for k in row["top"][0]}
+
+
+def test_tune_without_a_gpu_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert cli.main(["tune"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA GPU" in err and "--static" in err
