@@ -8,12 +8,13 @@ hand, so Triton's stages have nothing to pipeline). The kernels have no other va
 speed issue's choices (K-chunks, fast math, the poll) follow from the dtype and shapes.
 
 Pruning, before any timing, in this order:
-1. batch tiles larger than the batch's bucket (all rows but padding);
-2. weights over the target's shared memory (an estimate, to skip hopeless compiles);
-3. grids that cannot all be resident at once (split tier: batch tiles x SPLIT x directions >
+1. weights over the target's shared memory (an estimate, to skip hopeless compiles);
+2. grids that cannot all be resident at once (split tier: batch tiles x SPLIT x directions >
    SMs). The barrier would wait for programs that never start: this check is a guarantee;
-4. the ahead-of-time compile for the target (aot.py), in parallel processes: spills, shared
+3. the ahead-of-time compile for the target (aot.py), in parallel processes: spills, shared
    memory over the limit, or a compiler error.
+Batch tiles larger than the batch stay: padding rows cost little in a wgmma's N, and a larger
+tile can be the only one that compiles on-chip (the GRU's train pass at H = 1024 needs 32 rows).
 
 Static cost (lower is better), from `persistrnn inspect`'s per-step instruction mix of each
 kernel of the pass: instructions one warp issues per step x ceil(warps / 4) (an SM's 4 schedulers
@@ -29,7 +30,6 @@ import torch
 
 from ..kernels.skeleton import KernelConfig
 from .aot import TARGETS, compile_kernel, disassemble, resources_of
-from .cache import batch_bucket
 from .capacity import BATCH_TILES, NUM_WARPS, weight_bytes
 
 BARRIER_CYCLES = 1000
@@ -74,14 +74,12 @@ def config_space(layer):
 
 
 def cheap_prune(layer, configs, target, sms):
-    """(kept, dropped): dropped is [(config, reason)] for steps 1-3 of the pruning."""
+    """(kept, dropped): dropped is [(config, reason)] for steps 1-2 of the pruning."""
     kept, dropped = [], []
     smem = TARGETS[target]["smem"]
     for c in configs:
         split = layer.split(c)
-        if c.block_b > max(16, batch_bucket(layer.batch)):
-            dropped.append((c, f"batch tile {c.block_b} > batch bucket {batch_bucket(layer.batch)}"))
-        elif weight_bytes(layer.dtype, c.block_h, layer.width, layer.proj_size > 0) > smem:
+        if weight_bytes(layer.dtype, c.block_h, layer.width, layer.proj_size > 0) > smem:
             dropped.append((c, f"weights over {smem} B of shared memory"))
         elif split > 1 and layer.programs(c) > sms:
             dropped.append((c, f"{layer.programs(c)} programs cannot all be resident on {sms} SMs"))
