@@ -6,6 +6,7 @@ import time
 
 import torch
 
+TARGETS_SMS = {"sm_80": 108, "sm_90": 132}  # autotune/aot.py TARGETS: an A100's and an H100's SMs
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "float64": torch.float64}
 
@@ -111,7 +112,17 @@ def cmd_check(args):
 
 def cmd_capacity(args):
     """Largest hidden size each cell/dtype holds on-chip on a target (ahead-of-time compile)."""
-    from persistrnn.autotune.capacity import capacity_table
+    from persistrnn.autotune.capacity import COVERAGE, capacity_table, coverage
+    if args.coverage:
+        report = coverage(args.target)
+        if args.json:
+            print(json.dumps(report))
+            return 0
+        print(f"Layers that run the kernels on {args.target} ({TARGETS_SMS[args.target]} SMs), by dtype and pass, "
+              f"over cells {', '.join(COVERAGE['cells'])}, B in {COVERAGE['batch']}, 1 and 2 directions:")
+        _print_table(report["rows"], ["dtype", "pass", *map(str, COVERAGE["hidden"])])
+        print(f"total: {report['kernel']} of {report['layers']} layers ({report['total']:.0%})")
+        return 0
     rows = capacity_table(args.target)
     if args.json:
         print(json.dumps(rows))
@@ -215,6 +226,9 @@ def build_parser():
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("capacity", help=cmd_capacity.__doc__, description=cmd_capacity.__doc__)
     p.add_argument("--target", choices=["sm_80", "sm_90"], default="sm_90")
+    p.add_argument("--coverage", action="store_true",
+                   help="the fraction of a grid of common layers (cell, dtype, H, B, directions, pass) that runs "
+                        "the kernels")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_capacity)
     p = sub.add_parser("inspect", help=cmd_inspect.__doc__, description=cmd_inspect.__doc__)

@@ -240,6 +240,42 @@ def capacity_table(target="sm_90", passes=PASSES, tables=None):
     return rows
 
 
+# the grid of `persistrnn capacity --coverage`: the layers people commonly run
+COVERAGE = dict(cells=CELLS, dtypes=DTYPES[:3], hidden=(64, 128, 256, 512, 768, 1024),
+                batch=(1, 8, 16, 32, 64, 128, 256), directions=(1, 2), passes=PASSES)
+
+
+def coverage(target="sm_90", tables=None):
+    """Which layers of the COVERAGE grid the planner runs on the kernels on `target` (static
+    tables, the target's SMs): {"rows": [{dtype, pass, H: fraction, ...}], "total": fraction,
+    "layers": n, "kernel": n, "by_layer": [...]}."""
+    from ..layers.dispatch import kernel_config
+    sms = TARGETS[target]["sms"]
+    by_layer = []
+    for dtype in COVERAGE["dtypes"]:
+        for pass_ in COVERAGE["passes"]:
+            for hidden in COVERAGE["hidden"]:
+                for cell in COVERAGE["cells"]:
+                    for batch in COVERAGE["batch"]:
+                        for directions in COVERAGE["directions"]:
+                            config, _ = kernel_config(cell, dtype, hidden, 0, batch, directions, sms, target, pass_,
+                                                      tables=tables)
+                            by_layer.append(dict(cell=cell, dtype=dtype_name(dtype), pass_=pass_, hidden=hidden,
+                                                 batch=batch, directions=directions, kernel=config is not None))
+    rows = []
+    for dtype in COVERAGE["dtypes"]:
+        for pass_ in COVERAGE["passes"]:
+            row = {"dtype": dtype_name(dtype), "pass": pass_}
+            for hidden in COVERAGE["hidden"]:
+                sel = [x["kernel"] for x in by_layer
+                       if (x["dtype"], x["pass_"], x["hidden"]) == (dtype_name(dtype), pass_, hidden)]
+                row[str(hidden)] = round(sum(sel) / len(sel), 3)
+            rows.append(row)
+    ran = sum(x["kernel"] for x in by_layer)
+    return {"target": target, "rows": rows, "layers": len(by_layer), "kernel": ran,
+            "total": round(ran / len(by_layer), 3), "by_layer": by_layer}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="regenerate autotune/tables.py")

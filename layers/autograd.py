@@ -63,6 +63,12 @@ class PersistentLayer(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dh_n, dc_n=None):
+        # the backward may be called under autocast; its GEMMs run in the layer's dtype, as the forward's
+        with torch.autocast(dy.device.type, enabled=False):
+            return PersistentLayer._backward(ctx, dy, dh_n, dc_n)
+
+    @staticmethod
+    def _backward(ctx, dy, dh_n, dc_n):
         layer = ctx.layer
         x, lengths, h0, c0, y, saved, *weights = ctx.saved_tensors
         cell, D, H, R = layer.cell, layer.num_directions, layer.hidden_size, layer.real_hidden_size

@@ -165,10 +165,8 @@ def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_d
                            "(use backend 'interpret' to run the kernels on CPU)")
     if dtype not in KERNEL_DTYPES:
         return Dispatch("torch", f"no kernel for dtype {dtype}")
-    if dtype != weight_dtype:  # only reachable under autocast, which torch handles
-        return Dispatch("torch", f"input dtype {dtype} differs from weight dtype {weight_dtype} (autocast)")
-    if torch.is_autocast_enabled(device.type):  # autocast would cast our input GEMM, not our recurrence
-        return Dispatch("torch", f"autocast is enabled for {device.type}: PyTorch's native RNN follows its rules")
+    if dtype != weight_dtype:  # torch.nn raises its own error for this (the layer casts under autocast)
+        return Dispatch("torch", f"input dtype {dtype} differs from weight dtype {weight_dtype}")
     target = target_of(device)
     if target is None:
         props = torch.cuda.get_device_properties(device)

@@ -5,11 +5,13 @@ order, init, state_dict, `.to()`, `flatten_parameters()` and repr are torch's ow
 `forward` differs: it validates as torch does, then runs the kernels or torch's native RNN as
 `dispatch.plan` decides, and records that choice in `self.last_dispatch`.
 """
+import dataclasses
+
 import torch
 from torch import _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional
+from . import autocast, functional
 from .dispatch import log, plan
 
 
@@ -21,6 +23,40 @@ class _PersistentRNN:
 
     def forward(self, input, hx=None):
         self._update_flat_weights()
+        data = input.data if isinstance(input, PackedSequence) else input
+        if torch.is_autocast_enabled(data.device.type):
+            return self._forward_autocast(input, hx, data)
+        return self._forward(input, hx, self._flat_weights)
+
+    def _forward_autocast(self, input, hx, data):
+        """Under autocast: the dtypes torch.nn's own RNN returns here (autocast.torch_dtypes) decide.
+        The kernels run in torch's output dtype, with the weights cast once for this call (the
+        casts are differentiable: gradients reach the parameters in their own dtype), and each
+        result is returned in the dtype torch.nn returns it."""
+        states = () if hx is None else (hx if self._cell == "lstm" else (hx,))
+        dtypes = autocast.torch_dtypes(self._cell, data.device.type, data.dtype, tuple(s.dtype for s in states),
+                                       self._flat_weights[0].dtype, self.proj_size > 0)
+        run = dtypes[0]
+        cast = lambda t: t if t.dtype == run else t.to(run)  # noqa: E731
+        if isinstance(input, PackedSequence):
+            input = PackedSequence(cast(input.data), input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+        else:
+            input = cast(input)
+        if hx is not None:
+            hx = tuple(cast(s) for s in hx) if self._cell == "lstm" else cast(hx)
+        output, hidden = self._forward(input, hx, [cast(w) for w in self._flat_weights])
+        self.last_dispatch = dataclasses.replace(
+            self.last_dispatch, reason=f"{self.last_dispatch.reason} (autocast: run in {run}, as torch.nn does)")
+        back = lambda t, dt: t if t.dtype == dt else t.to(dt)  # noqa: E731
+        if isinstance(output, PackedSequence):
+            output = PackedSequence(back(output.data, dtypes[0]), *output[1:])
+        else:
+            output = back(output, dtypes[0])
+        if self._cell == "lstm":
+            return output, (back(hidden[0], dtypes[1]), back(hidden[1], dtypes[2]))
+        return output, back(hidden, dtypes[1])
+
+    def _forward(self, input, hx, flat_weights):
         is_lstm = self._cell == "lstm"
         orig_input = input
         num_directions = 2 if self.bidirectional else 1
@@ -48,19 +84,19 @@ class _PersistentRNN:
                 hx = self._check_state_dims(hx, is_batched)
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(input, hx, batch_sizes)
-        self._check_devices_and_dtypes(input, hx)
+        self._check_devices_and_dtypes(input, hx, flat_weights)
 
         states = hx if is_lstm else (hx,)
         grad_needed = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (input, *states, *self._flat_weights))
-        dispatch = plan(self._cell, input.device, input.dtype, self._flat_weights[0].dtype,
+            t is not None and t.requires_grad for t in (input, *states, *flat_weights))
+        dispatch = plan(self._cell, input.device, input.dtype, flat_weights[0].dtype,
                         self.hidden_size, self.proj_size, max_batch_size, num_directions, grad_needed)
         self.last_dispatch = dispatch
         log.debug("%s: %s (%s) %s", type(self).__name__, dispatch.path, dispatch.reason, dispatch.config or "")
 
         if dispatch.path == "torch":
             vf = _VF.lstm if is_lstm else _VF.gru
-            common = (self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+            common = (flat_weights, self.bias, self.num_layers, self.dropout, self.training,
                       self.bidirectional)
             if batch_sizes is None:
                 result = vf(input, hx, *common, self.batch_first)
@@ -68,12 +104,14 @@ class _PersistentRNN:
                 result = vf(input, batch_sizes, hx, *common)
             output, hidden = result[0], (result[1:] if is_lstm else result[1])
         else:
-            output, hidden = functional.rnn(
-                self._cell, input, batch_sizes, hx, self._flat_weights, has_bias=self.bias,
-                num_layers=self.num_layers, dropout=self.dropout, training=self.training,
-                bidirectional=self.bidirectional, batch_first=self.batch_first,
-                hidden_size=self.hidden_size, proj_size=self.proj_size, config=dispatch.config,
-                interpret=dispatch.path == "interpret", grad_needed=grad_needed)
+            # everything is in the run dtype already: autocast must not recast the kernels' GEMMs
+            with torch.autocast(input.device.type, enabled=False):
+                output, hidden = functional.rnn(
+                    self._cell, input, batch_sizes, hx, flat_weights, has_bias=self.bias,
+                    num_layers=self.num_layers, dropout=self.dropout, training=self.training,
+                    bidirectional=self.bidirectional, batch_first=self.batch_first,
+                    hidden_size=self.hidden_size, proj_size=self.proj_size, config=dispatch.config,
+                    interpret=dispatch.path == "interpret", grad_needed=grad_needed)
 
         if isinstance(orig_input, PackedSequence):
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
@@ -96,8 +134,8 @@ class _PersistentRNN:
             raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
         return hx if is_batched else hx.unsqueeze(1)
 
-    def _check_devices_and_dtypes(self, input, hx):
-        weight = self._flat_weights[0]
+    def _check_devices_and_dtypes(self, input, hx, flat_weights):
+        weight = flat_weights[0]
         if input.device != weight.device:
             raise RuntimeError("Input and parameter tensors are not at the same device, found input tensor "
                                f"at {input.device} and parameter tensor at {weight.device}")

@@ -27,7 +27,7 @@ def test_check_passes_and_fails(capsys):
 
 
 def test_python_dash_m_and_help():
-    for command in ([], ["demo"], ["check"], ["capacity"], ["inspect"], ["bench"]):
+    for command in ([], ["demo"], ["check"], ["capacity"], ["inspect"], ["tune"], ["bench"]):
         out = subprocess.run([sys.executable, "-m", "persistrnn", *command, "--help"], capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr
@@ -59,3 +59,28 @@ def test_inspect_reads_the_compiled_time_loop(tmp_path, capsys):
 def test_inspect_names_a_layer_no_kernel_holds(capsys):
     assert main(["inspect", "--dtype", "float64", "--hidden-size", "4096"]) == 2
     assert "no kernel runs this layer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["sm_90", "sm_80"])
+def test_capacity_coverage(target, capsys):
+    """The coverage grid: 2 cells x 3 dtypes x 6 hidden sizes x 7 batches x 2 directions x 2 passes;
+    each fraction is that of its layers the planner runs on the kernels."""
+    from persistrnn.layers.dispatch import kernel_config
+    assert main(["capacity", "--coverage", "--target", target, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layers"] == 1008 == len(report["by_layer"]) and len(report["rows"]) == 6
+    assert report["total"] == round(report["kernel"] / 1008, 3)
+    for row in report["rows"]:
+        for hidden in ("64", "1024"):
+            sel = [x["kernel"] for x in report["by_layer"] if (x["dtype"], x["pass_"], str(x["hidden"])) ==
+                   (row["dtype"], row["pass"], hidden)]
+            assert len(sel) == 28 and row[hidden] == round(sum(sel) / 28, 3)
+    # a layer the planner runs, and one it does not, as the planner itself says
+    import torch
+    sms = {"sm_90": 132, "sm_80": 108}[target]
+    for x in report["by_layer"][::97]:
+        config, _ = kernel_config(x["cell"], getattr(torch, x["dtype"]), x["hidden"], 0, x["batch"], x["directions"],
+                                  sms, target, x["pass_"])
+        assert x["kernel"] == (config is not None)
+    assert main(["capacity", "--coverage", "--target", target]) == 0
+    assert "total:" in capsys.readouterr().out

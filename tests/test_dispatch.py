@@ -140,14 +140,3 @@ def test_gpus_with_less_shared_memory_than_the_tables_run_torch(monkeypatch):
     props.shared_memory_per_block_optin = 227 * 1024
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert dispatch.target_of(cuda) == "sm_90"
-
-
-def test_autocast_runs_torch_visibly(interpret):
-    """Under autocast the input GEMM would be cast and the recurrence not: torch's rules apply.
-    (The plan alone: torch's own CPU LSTM rejects bf16 autocast.)"""
-    from persistrnn.layers.dispatch import plan
-    args = ("lstm", torch.device("cpu"), torch.float32, torch.float32, 8, 0, 2, 1)
-    assert plan(*args, grad_needed=True).path == "interpret"
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        dispatch = plan(*args, grad_needed=True)
-    assert dispatch.path == "torch" and "autocast" in dispatch.reason

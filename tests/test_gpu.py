@@ -207,3 +207,21 @@ def test_fast_math_accuracy_against_float64(cell, dtype):
     errors = [(relative_error(g, e), relative_error(c, e)) for g, c, e in zip(got, cudnn, exact)]
     print(f"fast math {cell} {dtype} H=768 T=256: relative error against float64 (ours, cuDNN): {errors}")
     assert all(ours_err <= tolerance(dtype, "cuda") for ours_err, _ in errors)
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell,hidden,kwargs", CASES[:2] + CASES[4:6])
+def test_autocast_matches_cudnn(cell, hidden, kwargs, amp_dtype):
+    """Under CUDA autocast: the dtypes cuDNN's RNN returns, its values within the autocast
+    dtype's tolerance, the kernels running, and fp32 gradients for the fp32 parameters."""
+    ours, ref = _pair(cell, hidden, torch.float32, kwargs)
+    ours.train(), ref.train()
+    x = torch.randn(100, 8, 64, device="cuda")
+    with torch.autocast("cuda", dtype=amp_dtype), persistrnn.backend("triton"):
+        got, want = _outputs(ours(x)), _outputs(ref(x))
+        sum(g.float().sum() for g in got).backward()
+    assert [g.dtype for g in got] == [w.dtype for w in want]
+    for g, w in zip(got, want):
+        assert relative_error(g, w) <= tolerance(amp_dtype, "cuda")
+    assert ours.last_dispatch.path == "triton", ours.last_dispatch
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())

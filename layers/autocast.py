@@ -1,0 +1,42 @@
+"""What torch.nn's own RNN does under autocast, asked of torch itself rather than guessed.
+
+torch's autocast op lists decide per device: on CUDA the cuDNN RNN runs in the autocast dtype;
+on CPU (torch 2.13) the LSTM runs in bf16 and the GRU stays in fp32, and some paths return the
+cell state in another dtype than the output (the LSTM with proj_size on CPU keeps c in fp32).
+So the layer asks: it runs torch's RNN once on a tiny input with the same dtypes under the
+current autocast state, and takes the dtypes of what comes back. Cached per combination.
+"""
+import functools
+
+import torch
+from torch import _VF
+
+
+def torch_dtypes(cell, device_type, input_dtype, state_dtypes, weight_dtype, has_proj):
+    """(output dtype, h_n dtype[, c_n dtype]) of torch.nn's `cell` on `device_type` under the
+    current autocast state, for these input, state and weight dtypes."""
+    return _probe(cell, device_type, input_dtype, state_dtypes, weight_dtype, has_proj,
+                  torch.get_autocast_dtype(device_type))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(cell, device_type, input_dtype, state_dtypes, weight_dtype, has_proj, autocast_dtype):
+    device = torch.device(device_type)
+    hidden, proj = 2, (1 if has_proj else 0)
+    gates = 4 if cell == "lstm" else 3
+    weights = [torch.zeros(gates * hidden, 1, device=device, dtype=weight_dtype),
+               torch.zeros(gates * hidden, proj or hidden, device=device, dtype=weight_dtype),
+               torch.zeros(gates * hidden, device=device, dtype=weight_dtype),
+               torch.zeros(gates * hidden, device=device, dtype=weight_dtype)]
+    if proj:
+        weights.append(torch.zeros(proj, hidden, device=device, dtype=weight_dtype))
+    x = torch.zeros(1, 1, 1, device=device, dtype=input_dtype)
+    h_dtype = state_dtypes[0] if state_dtypes else input_dtype
+    h0 = torch.zeros(1, 1, proj or hidden, device=device, dtype=h_dtype)
+    with torch.no_grad():
+        if cell == "lstm":
+            c0 = torch.zeros(1, 1, hidden, device=device, dtype=state_dtypes[1] if state_dtypes else input_dtype)
+            out, h, c = _VF.lstm(x, (h0, c0), weights, True, 1, 0.0, False, False, False)
+            return out.dtype, h.dtype, c.dtype
+        out, h = _VF.gru(x, h0, weights, True, 1, 0.0, False, False, False)
+        return out.dtype, h.dtype
