@@ -61,12 +61,16 @@ def loops(instructions):
 
 
 def time_loop(instructions):
-    """The outermost loop that holds MMA instructions: the kernel's loop over time steps."""
-    mma = [i.address for i in instructions if i.op in MMA_KINDS]
-    holding = [(lo, hi) for lo, hi in loops(instructions) if any(lo <= a <= hi for a in mma)]
-    if not holding:
-        return None
-    return max(holding, key=lambda span: span[1] - span[0])
+    """The kernel's loop over time steps: the outermost loop that holds MMA instructions, or
+    without MMA (fp32 IEEE dots are FMAs) the one that holds the barrier's atomic, or the
+    outermost loop."""
+    found = loops(instructions)
+    for kinds in (MMA_KINDS, ATOMICS):
+        marks = [i.address for i in instructions if i.op in kinds]
+        holding = [(lo, hi) for lo, hi in found if any(lo <= a <= hi for a in marks)]
+        if holding:
+            return max(holding, key=lambda span: span[1] - span[0])
+    return max(found, key=lambda span: span[1] - span[0], default=None)
 
 
 def access_bytes(ins):
@@ -133,7 +137,8 @@ def inspect_layer(cell, dtype, hidden_size, batch, bidirectional=False, proj_siz
     shape = (hidden_size, R, batch, D)
     kernels = {"forward": "forward"} if pass_ == "forward" else {"forward": "forward_save", "backward": "backward"}
     from ..kernels.skeleton import kernel_constexprs
-    allow_tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    from ..layers.functional import cudnn_rnn_allows_tf32
+    allow_tf32 = dtype == torch.float32 and cudnn_rnn_allows_tf32()  # as the layer decides
     report = {"layer": dict(cell=cell, dtype=str(dtype).replace("torch.", ""), hidden_size=hidden_size, batch=batch,
                             bidirectional=bidirectional, proj_size=proj_size, pass_=pass_, target=target),
               "config": dict(dataclasses.asdict(config), split=split, grid=[-(-batch // config.block_b), split, D],
@@ -176,7 +181,7 @@ def format_report(report):
                      f"{k['shared_bytes']} of {k['shared_limit']} bytes of shared memory")
         mix = k["time_loop"]
         if mix is None:
-            lines.append("  no time loop with MMA instructions found")
+            lines.append("  no time loop found")
             continue
         mma = ", ".join(f"{n} {kind}" for kind, n in mix["mma"].items()) or "none"
         lines += [

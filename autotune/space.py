@@ -99,7 +99,8 @@ def compiled_cost(layer, config, target):
     must be on-chip with both; the instructions counted are those of the flag set now."""
     from .inspect import parse_sass, step_mix, time_loop
     shape = (layer.hidden_size, layer.width, layer.batch, layer.num_directions)
-    tf32_now = torch.backends.cudnn.allow_tf32
+    from ..layers.functional import cudnn_rnn_allows_tf32
+    tf32_now = cudnn_rnn_allows_tf32()
     modes = (tf32_now, not tf32_now) if layer.dtype == torch.float32 else (False,)
     row = {"on_chip": True, "reason": None, "cost": 0, "kernels": {}}
     for kernel in _kernels(layer.pass_):

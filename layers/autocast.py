@@ -12,6 +12,15 @@ import torch
 from torch import _VF
 
 
+def enabled(device_type):
+    """Whether autocast is on for this device type (a device type autocast does not know, such as
+    "meta", has none: the layer then reports torch.nn's own errors)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def torch_dtypes(cell, device_type, input_dtype, state_dtypes, weight_dtype, has_proj):
     """(output dtype, h_n dtype[, c_n dtype]) of torch.nn's `cell` on `device_type` under the
     current autocast state, for these input, state and weight dtypes."""

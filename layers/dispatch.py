@@ -15,7 +15,7 @@ import triton
 
 from ..autotune import cache
 from ..autotune.aot import TARGETS
-from ..autotune.capacity import BLOCK_B, dtype_name, table_config
+from ..autotune.capacity import BLOCK_B, SMALL_BLOCK_H, dtype_name, table_config
 from ..autotune.tables import TABLES
 from ..kernels.skeleton import KernelConfig  # noqa: F401  (re-exported: the config a Dispatch carries)
 from .backend import current_backend
@@ -25,6 +25,8 @@ log = logging.getLogger("persistrnn")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16 on the GPU
+# SMALL_BLOCK_H = 8 (a tile of 4 x 8 = 32 gate rows, mma.sync): fp32 weights that 16-unit blocks
+# cannot hold. Only in the split tier without proj_size and not in fp64: no MMA has K = BLOCK_H.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +54,10 @@ def pin_config(block_h=None, block_b=None, num_warps=None, num_stages=None, back
     shapes raises ValueError at that layer's call."""
     pinned = dict(block_h=block_h, block_b=block_b, num_warps=num_warps, num_stages=num_stages,
                   backward_warps=backward_warps)
-    for name in ("block_h", "block_b"):
+    for name, least in (("block_h", SMALL_BLOCK_H), ("block_b", MIN_BLOCK)):
         value = pinned[name]
-        if value is not None and (not isinstance(value, int) or value < MIN_BLOCK or value & (value - 1)):
-            raise ValueError(f"pin_config: {name} must be a power of two >= {MIN_BLOCK}, got {value!r}")
+        if value is not None and (not isinstance(value, int) or value < least or value & (value - 1)):
+            raise ValueError(f"pin_config: {name} must be a power of two >= {least}, got {value!r}")
     for name in ("num_warps", "backward_warps"):
         if pinned[name] is not None and pinned[name] not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"pin_config: {name} must be a power of two from 1 to 32, got {pinned[name]!r}")
@@ -121,7 +123,9 @@ def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sm
     single = single_program_config(cell, dtype, hidden_size, target, pass_, tables)
     split = split_program_configs(cell, dtype, hidden_size, proj_size, target, pass_, tables)
     size = lambda c: programs(c, batch, hidden_size, num_directions)  # noqa: E731
-    by_cost = sorted(split, key=lambda c: (size(c) > sms, c.block_h * c.block_b, size(c), c.block_h))
+    # resident first, then 16-unit blocks and more (a 64-row tile: wgmma), then the least MMA work
+    by_cost = sorted(split, key=lambda c: (size(c) > sms, c.block_h < MIN_BLOCK, c.block_h * c.block_b, size(c),
+                                           c.block_h))
     agrees = [c for c in ([single] if single else []) + by_cost
               if all(getattr(c, k) == v for k, v in pinned.items())]
     if agrees:
@@ -141,6 +145,9 @@ def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sm
         fields["backward_warps"] = None
     config = KernelConfig(**{**fields, **pinned})
     split = -(-hidden_size // config.block_h)
+    if config.block_h < MIN_BLOCK and (split == 1 or proj_size or dtype == torch.float64):
+        raise ValueError(f"pin_config({pinned}): block_h={config.block_h} runs only in the split tier "
+                         f"(block_h < hidden_size), without proj_size, and not in float64")
     grid = size(config)
     if split > 1 and grid > sms:
         why = (f"the split tier needs all {grid} programs (batch tiles x SPLIT={split} x directions) "

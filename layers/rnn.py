@@ -24,7 +24,7 @@ class _PersistentRNN:
     def forward(self, input, hx=None):
         self._update_flat_weights()
         data = input.data if isinstance(input, PackedSequence) else input
-        if torch.is_autocast_enabled(data.device.type):
+        if autocast.enabled(data.device.type):
             return self._forward_autocast(input, hx, data)
         return self._forward(input, hx, self._flat_weights)
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from persistrnn.autotune.aot import PASSES, TARGETS, kernel_resources, prefetch
-from persistrnn.autotune.capacity import (BATCH_TILES, BLOCK_B, BLOCKS, NUM_WARPS, WIDTHS, _variants, block_warps,
-                                          capacity_table, searched_widths, single_keys, split_keys, split_programs,
-                                          split_shapes, split_width_warps, table_config)
+from persistrnn.autotune.capacity import (BATCH_TILES, BLOCK_B, BLOCKS, NUM_WARPS, SMALL_BLOCK_H, WIDTHS, _variants,
+                                          block_warps, capacity_table, searched_widths, single_keys,
+                                          small_block_widths, split_keys, split_programs, split_shapes,
+                                          split_width_warps, table_config)
 from persistrnn.autotune.tables import TABLES
 from persistrnn.kernels.skeleton import KernelConfig
 from persistrnn.layers.dispatch import kernel_config, single_program_config
@@ -30,8 +31,9 @@ def split_checks(held, dtype, proj, target):
     with its warps, and the widths to show do not fit (every other width the search tried)."""
     checks = {}
     for block_b in BATCH_TILES:
-        for block_h in split_shapes(block_b):
-            widths = searched_widths(DTYPES[dtype], block_h, proj, target)
+        for block_h in split_shapes(block_b) + (SMALL_BLOCK_H,):
+            widths = (searched_widths(DTYPES[dtype], block_h, proj, target) if block_h != SMALL_BLOCK_H else
+                      small_block_widths(DTYPES[dtype], proj, target, held, block_b))
             held_at = [w for w in widths if block_h in held.get(w, {}).get(block_b, {})]
             if not held_at:
                 continue

@@ -84,7 +84,7 @@ def test_the_intact_barrier_passes_under_concurrent_programs(monkeypatch):
 
 
 def test_pin_config_validates():
-    for bad in (dict(block_h=24), dict(block_h=8), dict(block_b=0), dict(num_warps=3), dict(num_stages=0)):
+    for bad in (dict(block_h=24), dict(block_h=4), dict(block_b=8), dict(num_warps=3), dict(num_stages=0)):
         with pytest.raises(ValueError, match="pin_config"):
             with persistrnn.pin_config(**bad):
                 pass
@@ -107,3 +107,31 @@ def test_pinned_single_program_block_larger_than_needed(interpret):
         assert_close_to_ref(ours, ref, x, dtype=torch.float64)
     config = ours.last_dispatch.config
     assert (config.block_h, config.num_warps) == (64, 8)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fp32_at_hidden_1024_in_blocks_of_8_units(cell, interpret):
+    """fp32 H = 1024 in the split tier's small blocks: 128 programs of 8 units (a 32-row gate tile)
+    run concurrently for T = 2, forward and backward, against torch.nn in float64."""
+    ours, ref = make_pair(cell, 4, 1024, torch.float32)
+    x = torch.randn(2, 2, 4)
+    xs = x.clone().requires_grad_(), x.double().requires_grad_()
+    with persistrnn.pin_config(block_h=8):
+        y = ours(xs[0])[0]
+    assert ours.last_dispatch.path == "interpret" and ours.last_dispatch.config.block_h == 8
+    y_ref = ref(xs[1])[0]
+    assert rel_err(y, y_ref) <= TOL[torch.float32]
+    dy = torch.randn_like(y_ref)
+    with persistrnn.pin_config(block_h=8):
+        y.backward(dy.float())
+    y_ref.backward(dy)
+    for got, want in ((xs[0].grad, xs[1].grad), (ours.weight_hh_l0.grad, ref.weight_hh_l0.grad)):
+        assert rel_err(got, want) <= TOL[torch.float32]
+
+
+def test_blocks_of_8_units_only_where_no_mma_has_k_8(interpret):
+    for cell, kwargs, hidden, dtype in (("lstm", {}, 8, torch.float32), ("lstm", dict(proj_size=4), 32, torch.float32),
+                                        ("gru", {}, 32, torch.float64)):
+        ours, _ = make_pair(cell, 4, hidden, dtype, **kwargs)
+        with persistrnn.pin_config(block_h=8), torch.no_grad(), pytest.raises(ValueError, match="block_h=8"):
+            ours(torch.randn(2, 2, 4, dtype=dtype))
