@@ -6,7 +6,6 @@ import time
 
 import torch
 
-TARGETS_SMS = {"sm_80": 108, "sm_90": 132}  # autotune/aot.py TARGETS: an A100's and an H100's SMs
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "float64": torch.float64}
 
@@ -112,13 +111,14 @@ def cmd_check(args):
 
 def cmd_capacity(args):
     """Largest hidden size each cell/dtype holds on-chip on a target (ahead-of-time compile)."""
+    from persistrnn.autotune.aot import TARGETS
     from persistrnn.autotune.capacity import COVERAGE, capacity_table, coverage
     if args.coverage:
         report = coverage(args.target)
         if args.json:
             print(json.dumps(report))
             return 0
-        print(f"Layers that run the kernels on {args.target} ({TARGETS_SMS[args.target]} SMs), by dtype and pass, "
+        print(f"Layers that run the kernels on {args.target} ({TARGETS[args.target]['sms']} SMs), by dtype and pass, "
               f"over cells {', '.join(COVERAGE['cells'])}, B in {COVERAGE['batch']}, 1 and 2 directions:")
         _print_table(report["rows"], ["dtype", "pass", *map(str, COVERAGE["hidden"])])
         print(f"total: {report['kernel']} of {report['layers']} layers ({report['total']:.0%})")

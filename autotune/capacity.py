@@ -38,7 +38,9 @@ WIDTHS = (32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 2048)  # split tier
 SPLIT_BLOCK_H = (16, 32, 64, 128)
 BATCH_TILES = (16, 32, 64)  # split tier: BLOCK_B
 NUM_WARPS = (4, 8)
-SMALL_BLOCK_H = 8  # layers/dispatch.py: fp32's fallback block, searched where 16 units are not held
+# fp32's fallback BLOCK_H, searched where 16 units are not held: a tile of 4 x 8 = 32 gate rows
+# (mma.sync). Only in the split tier without proj_size and not in fp64, where no MMA has K = BLOCK_H.
+SMALL_BLOCK_H = 8
 
 
 def dtype_name(dtype):

@@ -116,6 +116,13 @@ def step_mix(instructions, span):
     }
 
 
+def loop_mix(cubin):
+    """The per-step instruction mix of a compiled kernel's time loop (step_mix), or None."""
+    instructions = parse_sass(disassemble(cubin))
+    span = time_loop(instructions)
+    return step_mix(instructions, span) if span else None
+
+
 def plan(cell, dtype, hidden_size, batch, bidirectional, proj_size, pass_, target):
     """The config the planner launches for this layer on `target`, or raise ValueError with its reason."""
     from ..layers.dispatch import kernel_config
@@ -153,9 +160,7 @@ def inspect_layer(cell, dtype, hidden_size, batch, bidirectional=False, proj_siz
             with open(os.path.join(cubin_dir, f"{name}.cubin"), "wb") as f:
                 f.write(cubin)
         usage = resource_usage(cubin)
-        instructions = parse_sass(disassemble(cubin))
-        span = time_loop(instructions)
-        mix = step_mix(instructions, span) if span else None
+        mix = loop_mix(cubin)
         threads = 32 * config.num_warps
         # hidden units x batch rows a program owns, per thread: each needs its transcendentals once
         elements = config.block_h * config.block_b / threads

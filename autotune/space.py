@@ -29,7 +29,7 @@ import os
 import torch
 
 from ..kernels.skeleton import KernelConfig
-from .aot import TARGETS, compile_kernel, disassemble, resources_of
+from .aot import TARGETS, compile_kernel, resources_of
 from .capacity import BATCH_TILES, NUM_WARPS, weight_bytes
 
 BARRIER_CYCLES = 1000
@@ -55,7 +55,8 @@ class Layer:
         return -(-self.hidden_size // config.block_h)
 
     def programs(self, config):
-        return -(-self.batch // config.block_b) * self.split(config) * self.num_directions
+        from ..layers.dispatch import programs
+        return programs(config, self.batch, self.hidden_size, self.num_directions)
 
     def describe(self):
         extra = (f" proj={self.proj_size}" if self.proj_size else "") + (" bidir" if self.num_directions == 2 else "")
@@ -97,7 +98,7 @@ def compiled_cost(layer, config, target):
     {"on_chip", "reason", "cost", "kernels": {name: {registers, spill_bytes, shared_bytes, instructions}}}.
     fp32 compiles with TF32 dots and with IEEE ones (torch's flag may change after tuning) and
     must be on-chip with both; the instructions counted are those of the flag set now."""
-    from .inspect import parse_sass, step_mix, time_loop
+    from .inspect import loop_mix
     shape = (layer.hidden_size, layer.width, layer.batch, layer.num_directions)
     from ..layers.functional import cudnn_rnn_allows_tf32
     tf32_now = cudnn_rnn_allows_tf32()
@@ -117,11 +118,10 @@ def compiled_cost(layer, config, target):
                 return dict(row, on_chip=False, reason=f"{kernel}: {why}{dots}", cost=None)
             if allow_tf32 != tf32_now and len(modes) > 1:
                 continue
-            instructions = parse_sass(disassemble(compiled.asm["cubin"]))
-            span = time_loop(instructions)
-            if span is None:
+            mix = loop_mix(compiled.asm["cubin"])
+            if mix is None:
                 return dict(row, on_chip=False, reason=f"{kernel}: no time loop found in the SASS", cost=None)
-            steps = step_mix(instructions, span)["instructions"]
+            steps = mix["instructions"]
             warps = config.warps("backward" if kernel == "backward" else "forward")
             row["kernels"][kernel] = {"registers": res.regs, "spill_bytes": res.stack + res.local,
                                       "shared_bytes": res.shared, "instructions": steps, "num_warps": warps}

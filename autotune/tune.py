@@ -101,11 +101,11 @@ def tune_layer(layer, device, *, seq=256, repeats=10, max_candidates=8, workers=
     """Tune one layer on `device` (a CUDA device, or CPU for the interpreter). Returns the table
     entry (also for the summary): choice, config, ms, torch_ms, and how it was obtained."""
     from ..layers.check import tolerance
-    from ..layers.dispatch import DEFAULT_SMS, target_of
+    from ..layers.dispatch import target_of
     interpret = device.type != "cuda"
     backend = "interpret" if interpret else "triton"
     target = target_of(device) or "sm_90"
-    sms = DEFAULT_SMS if interpret else torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sms(device)
     ranked, dropped = static_rank(layer, target, sms, workers)
     bench = _Bench(layer, device, seq)
     reference = bench.run(None, backend)
@@ -162,7 +162,7 @@ def key_of(layer):
 def tune(layers, device, *, seq=256, repeats=10, max_candidates=8, workers=None, progress=None):
     """Tune every layer and write each entry to the device's table as soon as it is measured (a
     run cut off keeps what it finished). Returns (entries {layer key: entry}, table path)."""
-    key = cache.device_key(device, None if device.type == "cuda" else _default_sms())
+    key = cache.device_key(device, _sms(device))
     entries, path = {}, cache.table_path(key)
     for layer in layers:
         entry = tune_layer(layer, device, seq=seq, repeats=repeats, max_candidates=max_candidates, workers=workers)
@@ -172,9 +172,10 @@ def tune(layers, device, *, seq=256, repeats=10, max_candidates=8, workers=None,
     return entries, path
 
 
-def _default_sms():
+def _sms(device):
+    """The SMs a device offers the split tier; the planner's DEFAULT_SMS for the interpreter."""
     from ..layers.dispatch import DEFAULT_SMS
-    return DEFAULT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
 
 
 def static_report(layers, target, *, workers=None, top=3, progress=None):

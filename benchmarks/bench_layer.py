@@ -15,11 +15,12 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 
 import torch
+
+from ..autotune.cache import device_slug
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -122,7 +123,7 @@ def main(argv=None):
     device = torch.cuda.get_device_name()
     command = " ".join(["persistrnn bench", *argv])
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-"))
+                                   device_slug({"name": device}))
     os.makedirs(out, exist_ok=True)
     all_rows = []
     for mode in args.mode:

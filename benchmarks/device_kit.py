@@ -30,7 +30,6 @@ collected; bench says there is no GPU) into a temporary folder, never into bench
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -72,7 +71,16 @@ def phases(dry_run, results, target):
     ]
 
 
-def _env(results):
+def _package_root():
+    """A folder holding a link named persistrnn to the repository root (which is the package), so
+    that the kit and its phases import it without an install; also put on this process's path."""
+    pkgroot = tempfile.mkdtemp(prefix="kit-pkg-")
+    os.symlink(ROOT, os.path.join(pkgroot, "persistrnn"))
+    sys.path.insert(0, pkgroot)
+    return pkgroot
+
+
+def _env(results, pkgroot):
     env = dict(os.environ, PERSISTRNN_CACHE_DIR=os.path.join(results, "tuned"))
     wheels = os.path.join(ROOT, ".whl")
     if os.path.isdir(wheels):  # pyperf and psutil, installed aside (the device has no network)
@@ -80,9 +88,6 @@ def _env(results):
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", site,
                         *[os.path.join(wheels, w) for w in os.listdir(wheels)]], check=False)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
-    # the repository root is the package: a folder holding a link named persistrnn puts it on the path
-    pkgroot = tempfile.mkdtemp(prefix="kit-pkg-")
-    os.symlink(ROOT, os.path.join(pkgroot, "persistrnn"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkgroot, env.get("PYTHONPATH")]))
     return env
 
@@ -107,7 +112,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, interpreter, tiny sizes, into a temporary folder")
     args = p.parse_args(argv)
+    pkgroot = _package_root()
     import torch
+
+    from persistrnn.autotune.cache import device_slug
+    from persistrnn.layers.dispatch import target_of
     if args.dry_run:
         device, target = "dry-run-cpu", "sm_90"
         results = os.path.join(tempfile.mkdtemp(prefix="kit-"), device)
@@ -115,13 +124,14 @@ def main(argv=None):
         if not torch.cuda.is_available():
             print("device kit: no CUDA GPU here (use --dry-run on CPU)", file=sys.stderr)
             return 2
-        device = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-        major, _ = torch.cuda.get_device_capability()
-        target = "sm_90" if major >= 9 else "sm_80"
+        device, target = device_slug({"name": torch.cuda.get_device_name()}), target_of(torch.device("cuda"))
+        if target is None:
+            print("device kit: this GPU has no kernel tables (persistrnn runs torch.nn on it)", file=sys.stderr)
+            return 2
         results = os.path.join(ROOT, "benchmarks", "results", device)
     os.makedirs(results, exist_ok=True)
     out = os.environ.get("OUT")
-    env = _env(results)
+    env = _env(results, pkgroot)
     record = {"device": device, "dry_run": args.dry_run, "command": " ".join(["python3 benchmarks/device_kit.py",
                                                                               *(argv or sys.argv[1:])]),
               "phases": []}

@@ -24,9 +24,7 @@ log = logging.getLogger("persistrnn")
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-MIN_BLOCK = 16  # tl.dot needs every dimension >= 16 on the GPU
-# SMALL_BLOCK_H = 8 (a tile of 4 x 8 = 32 gate rows, mma.sync): fp32 weights that 16-unit blocks
-# cannot hold. Only in the split tier without proj_size and not in fp64: no MMA has K = BLOCK_H.
+MIN_BLOCK = 16  # tl.dot needs every dimension >= 16 on the GPU (SMALL_BLOCK_H: autotune/capacity.py)
 
 
 @dataclasses.dataclass(frozen=True)
