@@ -1,4 +1,4 @@
-"""The `persistrnn` command (also `python -m persistrnn`): demo, check, capacity, inspect, tune, bench."""
+"""The `persistrnn` command (also `python -m persistrnn`): demo, check, capacity, inspect, tune, bench, compare."""
 import argparse
 import json
 import sys
@@ -121,7 +121,9 @@ def cmd_capacity(args):
         print(f"Layers that run the kernels on {args.target} ({TARGETS[args.target]['sms']} SMs), by dtype and pass, "
               f"over cells {', '.join(COVERAGE['cells'])}, B in {COVERAGE['batch']}, 1 and 2 directions:")
         _print_table(report["rows"], ["dtype", "pass", *map(str, COVERAGE["hidden"])])
-        print(f"total: {report['kernel']} of {report['layers']} layers ({report['total']:.0%})")
+        print(f"total: {report['kernel']} of {report['layers']} layers ({report['total']:.0%}); "
+              f"{report['several_launches']} of them in several launches one after another "
+              f"(a grid larger than the SMs: blocks of batch tiles and directions)")
         return 0
     rows = capacity_table(args.target)
     if args.json:
@@ -213,6 +215,13 @@ def cmd_bench(argv):
     return bench_layer.main(argv)
 
 
+def cmd_compare(args):
+    """LSTM or GRU? Parameters, speed, memory and learning ability, measured: a report in markdown,
+    JSON and PNG plots, and a summary."""
+    from persistrnn.compare import run
+    return run.main(args, args.parser, args.argv)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="persistrnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,6 +272,10 @@ def build_parser():
                    help="interpret: the whole flow on CPU through the Triton interpreter (tiny sizes)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("compare", help=cmd_compare.__doc__, description=cmd_compare.__doc__)
+    from persistrnn.compare.run import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=cmd_compare, parser=p)
     # listed for --help; main() hands its arguments to benchmarks/bench_layer.py untouched
     sub.add_parser("bench", help=cmd_bench.__doc__, add_help=False)
     return parser
@@ -273,6 +286,7 @@ def main(argv=None):
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

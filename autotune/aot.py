@@ -127,7 +127,7 @@ def resources_of(compiled, target):
                      shared=compiled.metadata.shared, smem_limit=TARGETS[target]["smem"])
 
 
-def compile_kernel(kernel, cell, dtype, has_proj, config, shape, target, allow_tf32):
+def compile_kernel(kernel, cell, dtype, has_proj, config, shape, target, allow_tf32, dir0=0):
     """Compile one kernel ("forward", "forward_save": the forward with SAVE, or "backward") of a
     layer of shape (H, R, B, D) for `target`, exactly as rnn_forward / rnn_backward would launch it."""
     G = 4 if cell == "lstm" else 3
@@ -140,7 +140,9 @@ def compile_kernel(kernel, cell, dtype, has_proj, config, shape, target, allow_t
     w_hr = make(D, R, H) if has_proj else w_hh
     saved = make(T, B, D, SAVED[cell], H, dt=state_dtype(dtype))
     ints = make(max(B, 2), dt=torch.int32)
-    constexprs = kernel_constexprs(cell, dtype, has_proj, split, config, R, interpret=False, allow_tf32=allow_tf32)
+    # dir0: the launch's first direction (skeleton.py, "waves"); 0 unless it runs the reverse one alone
+    constexprs = dict(kernel_constexprs(cell, dtype, has_proj, split, config, R, interpret=False, allow_tf32=allow_tf32),
+                      DIR0=dir0)
     grid_b = -(-B // config.block_b)
     if kernel == "backward":
         rows = R

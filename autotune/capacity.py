@@ -272,9 +272,10 @@ COVERAGE = dict(cells=CELLS, dtypes=DTYPES[:3], hidden=(64, 128, 256, 512, 768, 
 
 def coverage(target="sm_90", tables=None):
     """Which layers of the COVERAGE grid the planner runs on the kernels on `target` (static
-    tables, the target's SMs): {"rows": [{dtype, pass, H: fraction, ...}], "total": fraction,
-    "layers": n, "kernel": n, "by_layer": [...]}."""
-    from ..layers.dispatch import kernel_config
+    tables, the target's SMs), and in how many launches (dispatch.launch_waves: one unless the
+    grid is larger than the SMs): {"rows": [{dtype, pass, H: fraction, ...}], "total": fraction,
+    "layers": n, "kernel": n, "several_launches": n, "by_layer": [{..., "kernel", "launches"}]}."""
+    from ..layers.dispatch import kernel_config, launch_waves
     sms = TARGETS[target]["sms"]
     by_layer = []
     for dtype in COVERAGE["dtypes"]:
@@ -285,8 +286,10 @@ def coverage(target="sm_90", tables=None):
                         for directions in COVERAGE["directions"]:
                             config, _ = kernel_config(cell, dtype, hidden, 0, batch, directions, sms, target, pass_,
                                                       tables=tables)
+                            launches = len(launch_waves(config, batch, hidden, directions, sms)) if config else 0
                             by_layer.append(dict(cell=cell, dtype=dtype_name(dtype), pass_=pass_, hidden=hidden,
-                                                 batch=batch, directions=directions, kernel=config is not None))
+                                                 batch=batch, directions=directions, kernel=config is not None,
+                                                 launches=launches))
     rows = []
     for dtype in COVERAGE["dtypes"]:
         for pass_ in COVERAGE["passes"]:
@@ -298,6 +301,7 @@ def coverage(target="sm_90", tables=None):
             rows.append(row)
     ran = sum(x["kernel"] for x in by_layer)
     return {"target": target, "rows": rows, "layers": len(by_layer), "kernel": ran,
+            "several_launches": sum(x["launches"] > 1 for x in by_layer),
             "total": round(ran / len(by_layer), 3), "by_layer": by_layer}
 
 

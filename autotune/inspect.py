@@ -144,11 +144,13 @@ def inspect_layer(cell, dtype, hidden_size, batch, bidirectional=False, proj_siz
     shape = (hidden_size, R, batch, D)
     kernels = {"forward": "forward"} if pass_ == "forward" else {"forward": "forward_save", "backward": "backward"}
     from ..kernels.skeleton import kernel_constexprs
+    from ..layers.dispatch import launch_waves
     from ..layers.functional import cudnn_rnn_allows_tf32
     allow_tf32 = dtype == torch.float32 and cudnn_rnn_allows_tf32()  # as the layer decides
     report = {"layer": dict(cell=cell, dtype=str(dtype).replace("torch.", ""), hidden_size=hidden_size, batch=batch,
                             bidirectional=bidirectional, proj_size=proj_size, pass_=pass_, target=target),
               "config": dict(dataclasses.asdict(config), split=split, grid=[-(-batch // config.block_b), split, D],
+                             launches=len(launch_waves(config, batch, hidden_size, D, TARGETS[target]["sms"])),
                              k_chunks=list(kernel_constexprs(cell, dtype, proj_size > 0, split, config, R,
                                                              interpret=False, allow_tf32=allow_tf32)["CHUNKS"])),
               "kernels": {}}

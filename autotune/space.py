@@ -9,8 +9,9 @@ speed issue's choices (K-chunks, fast math, the poll) follow from the dtype and 
 
 Pruning, before any timing, in this order:
 1. weights over the target's shared memory (an estimate, to skip hopeless compiles);
-2. grids that cannot all be resident at once (split tier: batch tiles x SPLIT x directions >
-   SMs). The barrier would wait for programs that never start: this check is a guarantee;
+2. split configs whose SPLIT programs of one batch tile exceed the SMs: the barrier would wait
+   for programs that never start (this check is a guarantee). A grid larger than the SMs but
+   with SPLIT <= SMs runs as several launches one after another (dispatch.launch_waves);
 3. the ahead-of-time compile for the target (aot.py), in parallel processes: spills, shared
    memory over the limit, or a compiler error.
 Batch tiles larger than the batch stay: padding rows cost little in a wgmma's N, and a larger
@@ -20,7 +21,8 @@ Static cost (lower is better), from `persistrnn inspect`'s per-step instruction 
 kernel of the pass: instructions one warp issues per step x ceil(warps / 4) (an SM's 4 schedulers
 issue one instruction per cycle each, and a program's warps share them), plus BARRIER_CYCLES per
 step for the split tier (DESIGN.md: about 3 L2 round trips of 130-250 ns, ~1000 cycles at
-1.75 GHz). Summed over the pass's kernels. It ranks; it is not a time.
+1.75 GHz). Summed over the pass's kernels, and ranked times the layer's launches (each runs
+every step). It ranks; it is not a time.
 """
 import concurrent.futures
 import dataclasses
@@ -58,6 +60,12 @@ class Layer:
         from ..layers.dispatch import programs
         return programs(config, self.batch, self.hidden_size, self.num_directions)
 
+    def launches(self, config, sms):
+        """How many launches one after another the layer's grid takes on `sms` SMs (0: it cannot
+        run there, one batch tile's SPLIT programs exceed the SMs)."""
+        from ..layers.dispatch import launch_waves
+        return len(launch_waves(config, self.batch, self.hidden_size, self.num_directions, sms) or ())
+
     def describe(self):
         extra = (f" proj={self.proj_size}" if self.proj_size else "") + (" bidir" if self.num_directions == 2 else "")
         return (f"{self.cell} {str(self.dtype).replace('torch.', '')} {self.pass_} H={self.hidden_size}{extra} "
@@ -82,8 +90,8 @@ def cheap_prune(layer, configs, target, sms):
         split = layer.split(c)
         if weight_bytes(layer.dtype, c.block_h, layer.width, layer.proj_size > 0) > smem:
             dropped.append((c, f"weights over {smem} B of shared memory"))
-        elif split > 1 and layer.programs(c) > sms:
-            dropped.append((c, f"{layer.programs(c)} programs cannot all be resident on {sms} SMs"))
+        elif not layer.launches(c, sms):
+            dropped.append((c, f"SPLIT={split} programs of one batch tile cannot all be resident on {sms} SMs"))
         else:
             kept.append(c)
     return kept, dropped
@@ -156,6 +164,7 @@ def static_rank(layer, target, sms=None, workers=None, progress=None):
             ranked.append((c, row))
         else:
             dropped.append((c, row["reason"]))
-    ranked.sort(key=lambda cr: (cr[1]["cost"], layer.programs(cr[0]), cr[0].block_h * cr[0].block_b,
+    # launches run one after another: a layer that needs several costs each one's steps
+    ranked.sort(key=lambda cr: (cr[1]["cost"] * layer.launches(cr[0], sms), layer.programs(cr[0]), cr[0].block_h * cr[0].block_b,
                                 cr[0].num_warps))
     return ranked, dropped

@@ -29,7 +29,8 @@ import triton.language as tl
 from .cells import LSTM, gru_cell_backward, lstm_cell_backward
 from .skeleton import (MAX_SPIN, _arrive, _batch_tile, _chunked_dot, _gate_rows, _join_gates, _load_chunks,  # noqa: F401
                        _next, _program, _split_gate_columns, _time_index, _wait, _xbuf_tile, kernel_constexprs,
-                       launch, split_scratch, state_dtype)
+                       launch, one_wave, rows_of, split_scratch, state_dtype, state_in, state_out, wave_rows,
+                       write_back)
 
 
 @triton.jit
@@ -40,7 +41,8 @@ def _load_step(dy_ptr, saved_ptr, y_ptr, first, step, length, direction, offs_b,
     K-chunks [width, BLOCK_B]), the saved activations of t, and the state before t: c_{t-1} (LSTM,
     saved) or h_{t-1} (GRU, from y), `first` (c0 / h0) at the row's first step. Zero past the length."""
     S: tl.constexpr = 5 if CELL == LSTM else 4
-    active = mask_b & (step < length)
+    # step -1 is the prefetch after the last iteration: nothing to read (its row t would be out of bounds)
+    active = mask_b & (step >= 0) & (step < length)
     t = _time_index(step, length, direction)
     t_prev = tl.where(direction == 1, t + 1, t - 1)
     b64 = offs_b.to(tl.int64)
@@ -71,13 +73,13 @@ def _rnn_backward_kernel(
     T, B, H, R, XBUF_ROWS, MAX_SPIN,
     stride_dyt, stride_dyb, stride_st, stride_sb, stride_yt, stride_yb, stride_gt, stride_gb,
     stride_dht, stride_dhb,
-    CELL: tl.constexpr, HAS_PROJ: tl.constexpr, SPLIT: tl.constexpr,
+    DIR0: tl.constexpr, CELL: tl.constexpr, HAS_PROJ: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, H_GROUP: tl.constexpr,
     W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FAST: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     G: tl.constexpr = 4 if CELL == LSTM else 3
-    pid_b, pid_h, direction, offs_u, mask_u = _program(H, BLOCK_H)
+    pid_b, pid_h, pid_d, direction, offs_u, mask_u = _program(H, DIR0, BLOCK_H)
     offs_b, mask_b, length = _batch_tile(lengths_ptr, B, pid_b, BLOCK_B)
     units = offs_u[:, None]  # tiles are [BLOCK_H, BLOCK_B]: (unit, batch row)
     unit_mask = mask_u[:, None]
@@ -98,7 +100,7 @@ def _rnn_backward_kernel(
     if HAS_PROJ:  # my columns of W_hr, chunk [BLOCK_H, width]: element (unit, r) = W_hr[r, unit]
         w_hr_t = _load_chunks(w_hr_ptr + direction * (R * H), offs_u, mask_u, R, H, CHUNKS, False, STATE_DTYPE,
                               MMA_DTYPE)
-    counter = counter_ptr + direction * tl.num_programs(0) + pid_b
+    counter = counter_ptr + pid_d * tl.num_programs(0) + pid_b
     alive = pid_b >= 0  # a true scalar, false after a barrier timeout
 
     # the carried dh (my units; with proj_size all of R, as K-chunks [width, BLOCK_B]) and dc,
@@ -184,7 +186,7 @@ def _rnn_backward_kernel(
             partial = partial + (p,)
             if SPLIT > 1:
                 offs_r = start + tl.arange(0, CHUNKS[k])
-                tl.store(_xbuf_tile(xbuf_ptr, parity, direction, pid_b, pid_h, XBUF_ROWS, SPLIT, BLOCK_B)
+                tl.store(_xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, pid_h, XBUF_ROWS, SPLIT, BLOCK_B)
                          + offs_r[:, None] * BLOCK_B + cols[None, :], p, mask=(offs_r < R)[:, None])
             start += CHUNKS[k]
 
@@ -198,7 +200,7 @@ def _rnn_backward_kernel(
             alive = _wait(counter, SPLIT * (it + 1), alive, MAX_SPIN, INTERPRET)
 
         slot_stride = XBUF_ROWS * BLOCK_B
-        slots = _xbuf_tile(xbuf_ptr, parity, direction, pid_b, 0, XBUF_ROWS, SPLIT, BLOCK_B)
+        slots = _xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, 0, XBUF_ROWS, SPLIT, BLOCK_B)
         if HAS_PROJ:  # all of dh_{t-1}: the sum of every program's partial, in slot order
             summed = ()
             start = 0
@@ -244,23 +246,36 @@ def _rnn_backward_kernel(
 
 
 def rnn_backward(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengths, dgates, dh_all, dh0, dc0, *,
-                 config, interpret, allow_tf32, max_spin=None):
+                 config, interpret, allow_tf32, waves=None, max_spin=None):
     """Launch the backward of one layer (all directions), given the forward's inputs and outputs.
     Shapes as rnn_forward's: dy and y (T, B, D*R); dh_n, h0, dh0 (D, B, R); dc_n, c0, dc0 (D, B, H);
     saved (T, B, D, SAVED[cell], H); dgates (T, B, D*G*H), written in full (zeros past each row's
     length); dh_all (T, B, D*R) with proj_size, written in full, else unused. (t, b) strides are
     free, rows contiguous. What a layer does not use (dc_n, c0, dc0 for GRU; w_hr and dh_all
-    without proj) may be None."""
+    without proj) may be None. waves: as rnn_forward's."""
     T, B = dy.shape[0], dy.shape[1]
     D, _, R = w_hh.shape
+    if cell == "gru":  # no cell state: whatever was passed is not read or written
+        dc_n = c0 = dc0 = None
+    waves = waves or one_wave(B, config.block_b, D)
+    if len(waves) > 1 or waves[0][0] > 0:
+        for wave, rows in wave_rows(waves, config.block_b, B):
+            dh0_rows, dc0_rows = state_out(dh0, rows), state_out(dc0, rows)
+            rnn_backward(cell, dy[:, rows], state_in(dh_n, rows), state_in(dc_n, rows), saved[:, rows], y[:, rows],
+                         state_in(h0, rows), state_in(c0, rows), w_hh, w_hr, lengths[rows], dgates[:, rows],
+                         rows_of(dh_all, rows), dh0_rows, dc0_rows, config=config, interpret=interpret,
+                         allow_tf32=allow_tf32, waves=(wave,), max_spin=max_spin)
+            write_back(dh0, dh0_rows, rows, wave)
+            write_back(dc0, dc0_rows, rows, wave)
+        return
+    (_, tiles, dir0, dirs), = waves
     H = saved.shape[-1]
     split = triton.cdiv(H, config.block_h)
     has_proj = w_hr is not None
     constexprs = kernel_constexprs(cell, w_hh.dtype, has_proj, split, config, R, interpret=interpret,
                                    allow_tf32=allow_tf32)
-    grid = (triton.cdiv(B, config.block_b), split, D)
-    xbuf, counters, error = split_scratch(split, D, grid[0], (split, R, config.block_b), state_dtype(w_hh.dtype),
-                                          dy.device)
+    xbuf, counters, error = split_scratch(split, dirs, tiles, (split, R, config.block_b), state_dtype(w_hh.dtype),
+                                          dy.device, interpret)
     if max_spin is None:
         max_spin = MAX_SPIN["interpret" if interpret else "compiled"]
     # unused pointers point at a tensor the kernel has anyway
@@ -270,5 +285,5 @@ def rnn_backward(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengths, dg
             error, T, B, H, R, R, max_spin,
             dy.stride(0), dy.stride(1), saved.stride(0), saved.stride(1), y.stride(0), y.stride(1),
             dgates.stride(0), dgates.stride(1), dh_all.stride(0), dh_all.stride(1))
-    launch(_rnn_backward_kernel, grid, args, constexprs, config=config, interpret=interpret, device=dy.device,
-           what="backward", error=error, max_spin=max_spin)
+    launch(_rnn_backward_kernel, (tiles, split, dirs), args, dict(constexprs, DIR0=dir0), config=config,
+           interpret=interpret, device=dy.device, what="backward", error=error, max_spin=max_spin)

@@ -31,7 +31,8 @@ import triton.language as tl
 from .cells import GRU, LSTM, gru_cell, lstm_cell
 from .skeleton import (MAX_SPIN, BarrierTimeout, _arrive, _batch_tile, _chunked_dot, _dot_from_memory,  # noqa: F401
                        _gate_rows, _load_chunks, _next, _program, _split_gates, _time_index, _wait, _xbuf_tile,
-                       kernel_constexprs, launch, split_scratch, state_dtype)
+                       kernel_constexprs, launch, one_wave, rows_of, split_scratch, state_dtype, state_in,
+                       state_out, wave_rows, write_back)
 
 # what the forward saves for the backward, per row, step and direction: H values each
 SAVED = {"lstm": 5, "gru": 4}
@@ -71,7 +72,7 @@ def _rnn_forward_kernel(
     y_ptr, hn_ptr, cn_ptr, saved_ptr, xbuf_ptr, counter_ptr, error_ptr,
     T, B, H, R, XBUF_ROWS, MAX_SPIN,
     stride_xt, stride_xb, stride_yt, stride_yb, stride_st, stride_sb,
-    SAVE: tl.constexpr, CELL: tl.constexpr, HAS_PROJ: tl.constexpr, SPLIT: tl.constexpr,
+    SAVE: tl.constexpr, DIR0: tl.constexpr, CELL: tl.constexpr, HAS_PROJ: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, H_GROUP: tl.constexpr,
     W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FAST: tl.constexpr, INTERPRET: tl.constexpr,
@@ -79,7 +80,7 @@ def _rnn_forward_kernel(
     G: tl.constexpr = 4 if CELL == LSTM else 3
     # with proj_size every program holds a partial of the full h_t: one xbuf slot per program
     SLOTS: tl.constexpr = SPLIT if HAS_PROJ else 1
-    pid_b, pid_h, direction, offs_u, mask_u = _program(H, BLOCK_H)
+    pid_b, pid_h, pid_d, direction, offs_u, mask_u = _program(H, DIR0, BLOCK_H)
     offs_b, mask_b, length = _batch_tile(lengths_ptr, B, pid_b, BLOCK_B)
     units = offs_u[:, None]  # tiles are [BLOCK_H, BLOCK_B]: (unit, batch row)
     unit_mask = mask_u[:, None]
@@ -96,7 +97,7 @@ def _rnn_forward_kernel(
                             MMA_DTYPE)
     if CELL == GRU:
         b_hn = tl.load(b_hn_ptr + direction * H + units, mask=unit_mask, other=0.0).to(STATE_DTYPE)
-    counter = counter_ptr + direction * tl.num_programs(0) + pid_b
+    counter = counter_ptr + pid_d * tl.num_programs(0) + pid_b
     alive = pid_b >= 0  # a true scalar, false after a barrier timeout
 
     # h_{t-1}: my units; with proj_size all of it, as K-chunks [width, BLOCK_B]
@@ -106,7 +107,7 @@ def _rnn_forward_kernel(
     else:
         h = tl.load(h0_ptr + direction * B * R + offs_b[None, :] * R + units, mask=mask_bh, other=0.0).to(STATE_DTYPE)
         if SPLIT > 1:  # h0, published as the step before the first (parity 1)
-            tl.store(_xbuf_tile(xbuf_ptr, 1, direction, pid_b, 0, XBUF_ROWS, SLOTS, BLOCK_B) + units * BLOCK_B
+            tl.store(_xbuf_tile(xbuf_ptr, 1, pid_d, pid_b, 0, XBUF_ROWS, SLOTS, BLOCK_B) + units * BLOCK_B
                      + cols[None, :], h.to(W_DTYPE), mask=unit_mask)
     if CELL == LSTM:
         c = tl.load(c0_ptr + direction * B * H + offs_b[None, :] * H + units, mask=mask_bh, other=0.0).to(STATE_DTYPE)
@@ -125,7 +126,7 @@ def _rnn_forward_kernel(
                 h_op = h_op + (h[k].to(W_DTYPE).to(MMA_DTYPE),)
             acc = _chunked_dot(w, h_op, STATE_DTYPE, INPUT_PRECISION)
         elif SPLIT > 1:  # everyone's h_{t-1}, published last step
-            acc = _dot_from_memory(w, _xbuf_tile(xbuf_ptr, 1 - parity, direction, pid_b, 0, XBUF_ROWS, SLOTS, BLOCK_B),
+            acc = _dot_from_memory(w, _xbuf_tile(xbuf_ptr, 1 - parity, pid_d, pid_b, 0, XBUF_ROWS, SLOTS, BLOCK_B),
                                    cols, R, BLOCK_B, CHUNKS, H_GROUP, STATE_DTYPE, MMA_DTYPE, INPUT_PRECISION)
         else:
             acc = _chunked_dot(w, (h.to(W_DTYPE).to(MMA_DTYPE),), STATE_DTYPE, INPUT_PRECISION)
@@ -156,7 +157,7 @@ def _rnn_forward_kernel(
                 partial = partial + (p,)
                 if SPLIT > 1:
                     offs_r = start + tl.arange(0, CHUNKS[k])
-                    tl.store(_xbuf_tile(xbuf_ptr, parity, direction, pid_b, pid_h, XBUF_ROWS, SLOTS, BLOCK_B)
+                    tl.store(_xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, pid_h, XBUF_ROWS, SLOTS, BLOCK_B)
                              + offs_r[:, None] * BLOCK_B + cols[None, :], p, mask=(offs_r < R)[:, None])
                 start += CHUNKS[k]
         else:
@@ -164,7 +165,7 @@ def _rnn_forward_kernel(
             tl.store(y_ptr + y_t * stride_yt + b64 * stride_yb + direction * R + units,
                      tl.where(active, h_cell, 0.0).to(y_ptr.dtype.element_ty), mask=mask_bh)
             if SPLIT > 1:  # publish my units' h_t (in the weights' dtype) for everyone's next step
-                tl.store(_xbuf_tile(xbuf_ptr, parity, direction, pid_b, 0, XBUF_ROWS, SLOTS, BLOCK_B)
+                tl.store(_xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, 0, XBUF_ROWS, SLOTS, BLOCK_B)
                          + units * BLOCK_B + cols[None, :], h.to(W_DTYPE), mask=unit_mask)
 
         if SPLIT > 1:
@@ -181,7 +182,7 @@ def _rnn_forward_kernel(
             for k in tl.static_range(len(CHUNKS)):
                 offs_r = start + tl.arange(0, CHUNKS[k])
                 if SPLIT > 1:
-                    slots = _xbuf_tile(xbuf_ptr, parity, direction, pid_b, 0, XBUF_ROWS, SLOTS, BLOCK_B) + \
+                    slots = _xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, 0, XBUF_ROWS, SLOTS, BLOCK_B) + \
                         offs_r[:, None] * BLOCK_B + cols[None, :]
                     total = tl.load(slots, mask=(offs_r < R)[:, None], other=0.0, cache_modifier=".cg")
                     for slot in range(1, SPLIT):
@@ -211,7 +212,7 @@ def _rnn_forward_kernel(
 
 
 def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *, saved=None,
-                config, interpret, allow_tf32, max_spin=None):
+                config, interpret, allow_tf32, waves=None, max_spin=None):
     """Launch one layer (all directions). Shapes: xproj (T, B, D*G*H) with any (t, b) strides and
     unit stride inside a row; w_hh (D, G*H, R); b_hn (D, H); w_hr (D, R, H); h0, h_n (D, B, R);
     c0, c_n (D, B, H); lengths (B,) int32; y (T, B, D*R), same row rule as xproj. What a layer does
@@ -219,20 +220,34 @@ def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *, 
     saved: None, or (T, B, D, SAVED[cell], H) in the state dtype (same row rule), filled with what
     the backward needs (LSTM i, f, g, o, c; GRU r, z, n, W_hn h + b_hn per step).
     config (KernelConfig): a program takes block_b batch rows and block_h hidden units; SPLIT =
-    cdiv(H, block_h) programs share a batch tile. With SPLIT > 1 the caller must make sure the whole grid can be resident at once
-    (the launch is cooperative and fails otherwise)."""
+    cdiv(H, block_h) programs share a batch tile.
+    waves: the launches, (tile0, tiles, dir0, dirs) each (skeleton.py, "waves"), one after another;
+    default one, the whole grid. With SPLIT > 1 the caller must make sure each wave's grid can be
+    resident at once (the launch is cooperative and fails otherwise)."""
     T, B = xproj.shape[0], xproj.shape[1]
     D, _, R = w_hh.shape
+    if cell == "gru":  # no cell state: whatever was passed is not read or written
+        c0 = c_n = None
+    waves = waves or one_wave(B, config.block_b, D)
+    if len(waves) > 1 or waves[0][0] > 0:
+        for wave, rows in wave_rows(waves, config.block_b, B):
+            hn_rows, cn_rows = state_out(h_n, rows), state_out(c_n, rows)
+            rnn_forward(cell, xproj[:, rows], w_hh, b_hn, w_hr, state_in(h0, rows), state_in(c0, rows), lengths[rows],
+                        y[:, rows], hn_rows, cn_rows, saved=rows_of(saved, rows), config=config, interpret=interpret,
+                        allow_tf32=allow_tf32, waves=(wave,), max_spin=max_spin)
+            write_back(h_n, hn_rows, rows, wave)
+            write_back(c_n, cn_rows, rows, wave)
+        return
+    (_, tiles, dir0, dirs), = waves
     H = h0.shape[2] if cell == "gru" else c0.shape[2]
     split = triton.cdiv(H, config.block_h)
     has_proj = w_hr is not None
     constexprs = kernel_constexprs(cell, w_hh.dtype, has_proj, split, config, R, interpret=interpret,
                                    allow_tf32=allow_tf32)
-    grid = (triton.cdiv(B, config.block_b), split, D)
     # the exchange buffer holds h rows in the weights' dtype, or partial products (fp32) with proj_size
     rows = R if has_proj else split * config.block_h
-    xbuf, counters, error = split_scratch(split, D, grid[0], (split if has_proj else 1, rows, config.block_b),
-                                          state_dtype(w_hh.dtype) if has_proj else w_hh.dtype, xproj.device)
+    xbuf, counters, error = split_scratch(split, dirs, tiles, (split if has_proj else 1, rows, config.block_b),
+                                          state_dtype(w_hh.dtype) if has_proj else w_hh.dtype, xproj.device, interpret)
     if max_spin is None:
         max_spin = MAX_SPIN["interpret" if interpret else "compiled"]
     save = saved is not None
@@ -242,5 +257,5 @@ def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *, 
             saved if save else error, xbuf, counters, error, T, B, H, R, rows, max_spin,
             xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1),
             saved.stride(0) if save else 0, saved.stride(1) if save else 0)
-    launch(_rnn_forward_kernel, grid, args, dict(constexprs, SAVE=save), config=config, interpret=interpret,
-           device=xproj.device, what="forward", error=error, max_spin=max_spin)
+    launch(_rnn_forward_kernel, (tiles, split, dirs), args, dict(constexprs, SAVE=save, DIR0=dir0), config=config,
+           interpret=interpret, device=xproj.device, what="forward", error=error, max_spin=max_spin)

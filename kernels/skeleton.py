@@ -3,7 +3,9 @@ recurrent product, the gate split, the bounded barrier of the split tier, the co
 parameters and the launch.
 
 Grid (cdiv(B, BLOCK_B), SPLIT, D): a program owns a batch tile of BLOCK_B rows of one direction
-and BLOCK_H hidden units; SPLIT = cdiv(H, BLOCK_H) programs share a batch tile.
+and BLOCK_H hidden units; SPLIT = cdiv(H, BLOCK_H) programs share a batch tile. A grid larger
+than the GPU's SMs runs as waves, launches of blocks of batch tiles and directions one after
+another (below, "waves"); a launch's first direction is the constexpr DIR0.
 
 The recurrent product is computed swapped, gates^T = W_hh[my rows] @ h^T: one MMA with
 M = 4 * BLOCK_H (all gates of the program's units, gate-major; the GRU's fourth gate is zero rows,
@@ -83,11 +85,16 @@ def recurrent_chunks(split, has_proj, block_h, width, widest=K_CHUNK):
 
 
 @triton.jit
-def _program(H, BLOCK_H: tl.constexpr):
-    """The program's ids in the grid (batch tiles, SPLIT, D), and its hidden units."""
+def _program(H, DIR0: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The program's ids in this launch's grid (batch tiles, SPLIT, directions): pid_b, pid_h and
+    pid_d index the launch's scratch (exchange buffer, barrier counters); its direction in the
+    layer, DIR0 + pid_d (a launch may run the reverse direction alone: `launch`), indexes the
+    tensors and sets the time order; and its hidden units."""
+    pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
+    pid_d = tl.program_id(2)
     offs_u = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    return tl.program_id(0), pid_h, tl.program_id(2), offs_u, offs_u < H
+    return pid_b, pid_h, pid_d, DIR0 + pid_d, offs_u, offs_u < H
 
 
 @triton.jit
@@ -205,10 +212,10 @@ def _join_gates(g0, g1, g2, g3, BLOCK_H: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _xbuf_tile(xbuf_ptr, parity, direction, pid_b, slot, ROWS, SLOTS: tl.constexpr, BLOCK_B: tl.constexpr):
-    """The [ROWS, BLOCK_B] block (row-major) of the exchange buffer
-    (2 step parities, D, batch tiles, SLOTS, ROWS, BLOCK_B)."""
-    block = ((parity * tl.num_programs(2) + direction) * tl.num_programs(0) + pid_b) * SLOTS + slot
+def _xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, slot, ROWS, SLOTS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The [ROWS, BLOCK_B] block (row-major) of the launch's exchange buffer
+    (2 step parities, directions, batch tiles, SLOTS, ROWS, BLOCK_B)."""
+    block = ((parity * tl.num_programs(2) + pid_d) * tl.num_programs(0) + pid_b) * SLOTS + slot
     return xbuf_ptr + block.to(tl.int64) * ROWS * BLOCK_B
 
 
@@ -311,13 +318,59 @@ class BarrierTimeout(RuntimeError):
     pass
 
 
-def split_scratch(split, D, grid_b, buffer_shape, buffer_dtype, device):
+def split_scratch(split, D, grid_b, buffer_shape, buffer_dtype, device, interpret=False):
     """The split tier's scratch: the step-parity exchange buffer (2, D, grid_b, *buffer_shape), one
-    barrier counter per (direction, batch tile), and the timeout flag. A single program gets stubs."""
+    barrier counter per (direction, batch tile), and the timeout flag. A single program gets stubs.
+    D and grid_b: the launch's grid (directions, batch tiles). Interpreted, the exchange buffer
+    starts as NaN, so a read of a slot nobody has written yet (a broken barrier) shows in the outputs."""
     xbuf = torch.empty((2, D, grid_b, *buffer_shape) if split > 1 else (1,), dtype=buffer_dtype, device=device)
+    if interpret:
+        xbuf.fill_(float("nan"))
     counters = torch.zeros(D * grid_b if split > 1 else 1, dtype=torch.int32, device=device)
     error = torch.zeros(1, dtype=torch.int32, device=device)
     return xbuf, counters, error
+
+
+# ---- waves: a layer's grid as several launches, one after another ----
+# A wave is (tile0, tiles, dir0, dirs): `tiles` batch tiles from tile0 and `dirs` directions from
+# dir0 (layers/dispatch.py: launch_waves). Batch rows and directions are independent, so a grid
+# that cannot be resident at once runs as waves that each can. The launchers run a wave on its
+# own rows: the tensors with the batch at dim 1 as views, the (D, B, X) states copied in and out
+# (they are small); the direction reaches the kernel as DIR0, its first direction.
+
+def one_wave(B, block_b, D):
+    """The launch of a whole grid: every batch tile and direction at once."""
+    return ((0, triton.cdiv(B, block_b), 0, D),)
+
+
+def wave_rows(waves, block_b, B):
+    """Per wave: the wave as launched on its own rows, (0, tiles, dir0, dirs), and its rows (a slice)."""
+    return [((0, tiles, dir0, dirs), slice(tile0 * block_b, min(B, (tile0 + tiles) * block_b)))
+            for tile0, tiles, dir0, dirs in waves]
+
+
+def rows_of(t, rows):
+    """The rows of a (T, B, ...) or (D, B, ...) tensor, a view (None stays None)."""
+    return None if t is None else t[:, rows]
+
+
+def state_in(t, rows):
+    """A state (D, B, X) input's rows, contiguous as the kernels index it."""
+    return None if t is None else t[:, rows].contiguous()
+
+
+def state_out(t, rows):
+    """Where a wave writes a state (D, B, X) output: t itself if the wave has all its rows."""
+    if t is None or rows == slice(0, t.shape[1]):
+        return t
+    return t.new_empty(t[:, rows].shape)
+
+
+def write_back(t, part, rows, wave):
+    """Copy a wave's state output into the layer's, for the wave's directions."""
+    if t is not None and part is not t:
+        _, _, dir0, dirs = wave
+        t[dir0:dir0 + dirs, rows] = part[dir0:dir0 + dirs]
 
 
 def launch(kernel, grid, args, constexprs, *, config, interpret, device, what, error, max_spin):
@@ -335,5 +388,5 @@ def launch(kernel, grid, args, constexprs, *, config, interpret, device, what, e
     if split > 1 and error.item():
         raise BarrierTimeout(
             f"persistrnn: a barrier of the split {what} kernel timed out after {max_spin} polls "
-            f"(grid={grid}, {config}, K chunks={constexprs['CHUNKS']}): its "
+            f"(grid={grid}, first direction {constexprs['DIR0']}, {config}, K chunks={constexprs['CHUNKS']}): its "
             f"programs were not all running at once; outputs are invalid")

@@ -32,6 +32,7 @@ class Layer:
     config: KernelConfig
     interpret: bool
     allow_tf32: bool
+    waves: tuple = None  # the kernels' launches (dispatch.launch_waves); None: the whole grid at once
 
 
 def _h_prev(y, h0, lengths, layer):
@@ -89,7 +90,8 @@ class PersistentLayer(torch.autograd.Function):
             rnn_backward(cell, time_major(dy, bf), dh_n, dc_n, time_major(saved, bf), time_major(y, bf), h0, c0,
                          w_hh, w_hr, lengths, time_major(dgates, bf),
                          None if dh_all is None else time_major(dh_all, bf), dh0, dc0,
-                         config=layer.config, interpret=layer.interpret, allow_tf32=layer.allow_tf32)
+                         config=layer.config, interpret=layer.interpret, allow_tf32=layer.allow_tf32,
+                         waves=layer.waves)
 
         rows = dgates.reshape(-1, D * G * H)  # one row per (t, b), in x's layout
         dx = (rows @ w_ih).reshape(x.shape) if ctx.needs_input_grad[1] else None

@@ -32,6 +32,7 @@ class Dispatch:
     path: str  # "triton", "interpret" or "torch"
     reason: str
     config: KernelConfig = None
+    waves: tuple = None  # the kernel's launches, (tile0, tiles, dir0, dirs) each: launch_waves
 
 
 def block_for(n):
@@ -109,20 +110,48 @@ def programs(config, batch, hidden_size, num_directions):
     return -(-batch // config.block_b) * -(-hidden_size // config.block_h) * num_directions
 
 
+def launch_waves(config, batch, hidden_size, num_directions, sms):
+    """How a layer's grid runs on a device of `sms` SMs: a tuple of launches (tile0, tiles, dir0,
+    dirs), each a block of batch tiles and directions (kernels/skeleton.py: launch). One launch when
+    the grid can be resident at once, or has one program per batch tile; else the fewest launches
+    whose programs are each resident at once (one program per SM), one after another: batch rows
+    and directions are independent. None when not even one batch tile of one direction fits
+    (SPLIT > sms)."""
+    tiles = -(-batch // config.block_b)
+    split = -(-hidden_size // config.block_h)
+    if split == 1 or programs(config, batch, hidden_size, num_directions) <= sms:
+        return ((0, tiles, 0, num_directions),)
+    if split > sms:
+        return None
+    best = None
+    for dirs in (num_directions, 1):  # both directions in a launch, or one at a time
+        if split * dirs > sms:
+            continue
+        count = -(-tiles // (sms // (split * dirs)))
+        per_launch = -(-tiles // count)  # the same number of tiles in every launch but the last
+        waves = tuple((tile0, min(per_launch, tiles - tile0), dir0, dirs)
+                      for dir0 in range(0, num_directions, dirs) for tile0 in range(0, tiles, per_launch))
+        if best is None or len(waves) < len(best):
+            best = waves
+    return best
+
+
 def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target="sm_90",
                   pass_="forward", tables=None):
     """(config, None), or (None, why no kernel config holds these sizes on `target`) for a pass:
     "forward" (inference) or "train" (one config for the saving forward and the backward).
     One program per batch tile when it holds the layer (no barrier); otherwise the split config
-    with the least MMA work per program (BLOCK_H x BLOCK_B rows) whose whole grid can be resident
-    at once (ties: fewer programs). A pinned config (pin_config) overrides the choice field by
+    with the fewest launches (launch_waves: one when the whole grid can be resident at once), then
+    the least MMA work per program (BLOCK_H x BLOCK_B rows), then fewer programs. A pinned config (pin_config) overrides the choice field by
     field, and raises if it cannot run."""
     pinned = _pinned.get() or {}
     single = single_program_config(cell, dtype, hidden_size, target, pass_, tables)
     split = split_program_configs(cell, dtype, hidden_size, proj_size, target, pass_, tables)
     size = lambda c: programs(c, batch, hidden_size, num_directions)  # noqa: E731
-    # resident first, then 16-unit blocks and more (a 64-row tile: wgmma), then the least MMA work
-    by_cost = sorted(split, key=lambda c: (size(c) > sms, c.block_h < MIN_BLOCK, c.block_h * c.block_b, size(c),
+    waves = lambda c: len(launch_waves(c, batch, hidden_size, num_directions, sms) or range(1 << 30))  # noqa: E731
+    # one launch (all resident at once) first, else the fewest; then 16-unit blocks and more (a
+    # 64-row tile: wgmma), then the least MMA work
+    by_cost = sorted(split, key=lambda c: (waves(c), c.block_h < MIN_BLOCK, c.block_h * c.block_b, size(c),
                                            c.block_h))
     agrees = [c for c in ([single] if single else []) + by_cost
               if all(getattr(c, k) == v for k, v in pinned.items())]
@@ -146,10 +175,9 @@ def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sm
     if config.block_h < MIN_BLOCK and (split == 1 or proj_size or dtype == torch.float64):
         raise ValueError(f"pin_config({pinned}): block_h={config.block_h} runs only in the split tier "
                          f"(block_h < hidden_size), without proj_size, and not in float64")
-    grid = size(config)
-    if split > 1 and grid > sms:
-        why = (f"the split tier needs all {grid} programs (batch tiles x SPLIT={split} x directions) "
-               f"running at once, and this device holds {sms}")
+    if launch_waves(config, batch, hidden_size, num_directions, sms) is None:
+        why = (f"the split tier needs the SPLIT={split} programs of a batch tile running at once, "
+               f"and this device holds {sms}")
         if pinned:
             raise ValueError(f"pin_config({pinned}) cannot run here: {why}")
         return None, why
@@ -186,11 +214,20 @@ def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_d
         if tuned == "torch":
             return Dispatch("torch", where)
         if tuned is not None:
-            return Dispatch(name, f"{what}; config from {where}", tuned)
+            return _kernel_dispatch(name, f"{what}; config from {where}", tuned, batch, hidden_size, num_directions, sms)
     config, why = kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target, pass_)
     if config is None:
         return Dispatch("torch", why)
-    return Dispatch(name, f"{what}; config from the static tables (autotune/tables.py)", config)
+    return _kernel_dispatch(name, f"{what}; config from the static tables (autotune/tables.py)", config, batch,
+                            hidden_size, num_directions, sms)
+
+
+def _kernel_dispatch(path, reason, config, batch, hidden_size, num_directions, sms):
+    waves = launch_waves(config, batch, hidden_size, num_directions, sms)
+    if len(waves) > 1:
+        reason += (f"; in {len(waves)} launches one after another, each a block of batch tiles and directions "
+                   f"whose programs fit on {sms} SMs at once")
+    return Dispatch(path, reason, config, waves)
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,7 +255,7 @@ def tuned_choice(cell, device, dtype, hidden_size, proj_size, batch, num_directi
                          f"and the best kernel config {entry.get('ms')} ms (T={entry.get('seq')})")
     config = KernelConfig(**entry["config"])
     split = -(-hidden_size // config.block_h)
-    if split > 1 and programs(config, batch, hidden_size, num_directions) > sms:
+    if launch_waves(config, batch, hidden_size, num_directions, sms) is None:
         return None, None
     if source == "shipped" and not _shipped_config_on_chip(cell, dtype, proj_size > 0, config,
                                                            proj_size or hidden_size, target, split, pass_, path):

@@ -71,15 +71,16 @@ def layer_forward(layer, x, h0, c0, lengths, weights, *, save):
         rnn_forward(cell, time_major(xproj, layer.batch_first), w_hh, b_hn, w_hr, h0, c0, lengths,
                     time_major(y, layer.batch_first), hn, cn,
                     saved=None if saved is None else time_major(saved, layer.batch_first),
-                    config=layer.config, interpret=layer.interpret, allow_tf32=layer.allow_tf32)
+                    config=layer.config, interpret=layer.interpret, allow_tf32=layer.allow_tf32, waves=layer.waves)
     return y, hn, cn, saved
 
 
 def rnn(cell, input, batch_sizes, hx, flat_weights, *, has_bias, num_layers, dropout, training,
-        bidirectional, batch_first, hidden_size, proj_size, config, interpret, grad_needed=False):
+        bidirectional, batch_first, hidden_size, proj_size, config, interpret, waves=None, grad_needed=False):
     """input: (T, B, I) ((B, T, I) if batch_first), or packed data (N, I) with batch_sizes.
     hx: h0 (L*D, B, R), or (h0, c0) for the LSTM. Returns (output, h_n) or (output, (h_n, c_n)).
-    grad_needed: run each layer through autograd (saving for, and running, the backward kernel)."""
+    grad_needed: run each layer through autograd (saving for, and running, the backward kernel).
+    waves: the kernels' launches (dispatch.launch_waves); None: one launch of the whole grid."""
     from .autograd import Layer, PersistentLayer
 
     D = 2 if bidirectional else 1
@@ -98,7 +99,7 @@ def rnn(cell, input, batch_sizes, hx, flat_weights, *, has_bias, num_layers, dro
     lengths = lengths.to(device=input.device, dtype=torch.int32)
     layer = Layer(cell=cell, num_directions=D, hidden_size=hidden_size, real_hidden_size=proj_size or hidden_size,
                   has_bias=has_bias, has_proj=proj_size > 0, batch_first=batch_first, config=config,
-                  interpret=interpret, allow_tf32=cudnn_rnn_allows_tf32())
+                  interpret=interpret, allow_tf32=cudnn_rnn_allows_tf32(), waves=waves)
     per_layer = D * (2 + 2 * has_bias + (proj_size > 0))
 
     layer_input = input

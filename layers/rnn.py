@@ -110,7 +110,7 @@ class _PersistentRNN:
                     self._cell, input, batch_sizes, hx, flat_weights, has_bias=self.bias,
                     num_layers=self.num_layers, dropout=self.dropout, training=self.training,
                     bidirectional=self.bidirectional, batch_first=self.batch_first,
-                    hidden_size=self.hidden_size, proj_size=self.proj_size, config=dispatch.config,
+                    hidden_size=self.hidden_size, proj_size=self.proj_size, config=dispatch.config, waves=dispatch.waves,
                     interpret=dispatch.path == "interpret", grad_needed=grad_needed)
 
         if isinstance(orig_input, PackedSequence):

@@ -15,7 +15,7 @@ from persistrnn.autotune.capacity import (BATCH_TILES, BLOCK_B, BLOCKS, NUM_WARP
                                           split_width_warps, table_config)
 from persistrnn.autotune.tables import TABLES
 from persistrnn.kernels.skeleton import KernelConfig
-from persistrnn.layers.dispatch import kernel_config, single_program_config
+from persistrnn.layers.dispatch import kernel_config, launch_waves, single_program_config
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "float64": torch.float64}
@@ -130,7 +130,10 @@ def test_planner_picks_only_shipped_configs(pass_):
                         continue
                     assert config == table_config(config.block_b, config.block_h,
                                                   tiles[config.block_b][config.block_h])
-                    assert -(-batch // config.block_b) * -(-hidden // config.block_h) <= sms
+                    split = -(-hidden // config.block_h)
+                    waves = launch_waves(config, batch, hidden, 1, sms)
+                    assert sum(tiles for _, tiles, _, _ in waves) == -(-batch // config.block_b)
+                    assert all(tiles * split * dirs <= sms for _, tiles, _, dirs in waves)
 
 
 def test_the_check_sees_spills():
@@ -149,6 +152,21 @@ def test_the_train_pass_sees_the_backward_spill():
     assert res.stack > 0 and not res.on_chip
     both = KernelConfig(64, 16, 4, backward_warps=8)
     assert kernel_resources("lstm", torch.bfloat16, False, both, 1024, "sm_90", 64, "train").on_chip
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_the_reverse_direction_alone_compiles_as_the_tables_say(cell):
+    """A bidirectional fp32 layer at H = 1024 (128 programs of 8 units per direction) runs one
+    direction per launch on 132 SMs, the reverse one as its own compile (DIR0 = 1): it holds the
+    table's config like the DIR0 = 0 compile the tables were searched with."""
+    from persistrnn.autotune.aot import compile_kernel, resources_of
+    config, _ = kernel_config(cell, torch.float32, 1024, 0, 16, 2, TARGETS["sm_90"]["sms"], "sm_90", "train")
+    assert config.block_h == 8 and len(launch_waves(config, 16, 1024, 2, TARGETS["sm_90"]["sms"])) == 2
+    for kernel in ("forward_save", "backward"):
+        for dir0 in (0, 1):
+            compiled = compile_kernel(kernel, cell, torch.float32, False, config, (1024, 1024, 16, 2), "sm_90",
+                                      allow_tf32=True, dir0=dir0)
+            assert resources_of(compiled, "sm_90").on_chip, (kernel, dir0)
 
 
 @pytest.mark.parametrize("target", list(TARGETS))

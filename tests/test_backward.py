@@ -7,6 +7,7 @@ from torch.func import functional_call
 import persistrnn
 import persistrnn.kernels.backward as backward
 import persistrnn.kernels.skeleton as skeleton
+import persistrnn.layers.dispatch as dispatch
 from persistrnn.layers.autograd import _h_prev
 
 from conftest import DTYPES, TOL, make_pair, rel_err, to64
@@ -95,6 +96,18 @@ def test_split_tier_gradients_match_torch_nn(cell, variant, block_h, interpret):
         assert ours.last_dispatch.config.block_h == block_h
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_training_in_several_launches_matches_torch_nn(cell, monkeypatch, interpret):
+    """On a device of 5 SMs, 2 batch tiles x SPLIT 4 x 2 directions run as 4 launches (one tile,
+    one direction each), forward and backward, packed unsorted input with a state."""
+    monkeypatch.setattr(dispatch, "DEFAULT_SMS", 5)
+    ours, ref = make_pair(cell, 5, 64, torch.float64, bidirectional=True)
+    x, hx = make_input("packed_unsorted_with_state", ours, T=4, B=19, dtype=torch.float64)
+    with persistrnn.pin_config(block_h=16, block_b=16):
+        assert_gradients_match(ours, ref, x, hx, torch.float64)
+    assert len(ours.last_dispatch.waves) == 4 and "in 4 launches" in ours.last_dispatch.reason
+
+
 def _gradcheck(cell, hidden, block_h, **kwargs):
     ours, _ = make_pair(cell, 3, hidden, torch.float64, **kwargs)
     x, hx = make_input("packed_unsorted_with_state", ours, T=3, B=4, dtype=torch.float64)
@@ -151,7 +164,7 @@ def test_a_broken_backward_barrier_is_caught(cell, monkeypatch, sequential_backw
     with persistrnn.pin_config(block_h=16):
         _, got, weights = gradients(ours, x, None)
     _, want, _ = gradients(ref, x, None, weights)
-    assert max(rel_err(g, w) for g, w in zip(got, want)) > TOL[torch.float64]
+    assert not all(rel_err(g, w) <= TOL[torch.float64] for g, w in zip(got, want))  # NaN counts: unwritten slots
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)

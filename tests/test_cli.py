@@ -65,7 +65,7 @@ def test_inspect_names_a_layer_no_kernel_holds(capsys):
 def test_capacity_coverage(target, capsys):
     """The coverage grid: 2 cells x 3 dtypes x 6 hidden sizes x 7 batches x 2 directions x 2 passes;
     each fraction is that of its layers the planner runs on the kernels."""
-    from persistrnn.layers.dispatch import kernel_config
+    from persistrnn.layers.dispatch import kernel_config, launch_waves
     assert main(["capacity", "--coverage", "--target", target, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["layers"] == 1008 == len(report["by_layer"]) and len(report["rows"]) == 6
@@ -82,5 +82,8 @@ def test_capacity_coverage(target, capsys):
         config, _ = kernel_config(x["cell"], getattr(torch, x["dtype"]), x["hidden"], 0, x["batch"], x["directions"],
                                   sms, target, x["pass_"])
         assert x["kernel"] == (config is not None)
+        if config is not None:
+            assert x["launches"] == len(launch_waves(config, x["batch"], x["hidden"], x["directions"], sms)) >= 1
+    assert report["several_launches"] == sum(x["launches"] > 1 for x in report["by_layer"])
     assert main(["capacity", "--coverage", "--target", target]) == 0
     assert "total:" in capsys.readouterr().out

@@ -90,12 +90,37 @@ def test_split_tier_matches_cudnn(cell, hidden, kwargs, dtype):
 
 
 def test_impossible_config_raises_instead_of_hanging():
-    ours, _ = _pair("lstm", 512, torch.float16, {})
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    x = torch.randn(8, 16 * (sms // 32 + 1), 64, device="cuda", dtype=torch.float16)
+    """One batch tile's programs must all be resident: SPLIT = 256 programs of 16 units (H = 4096)
+    exceed any GPU's SMs, and a pinned config that asks for it raises before launching."""
+    ours, _ = _pair("lstm", 4096, torch.float16, {})
+    x = torch.randn(2, 16, 64, device="cuda", dtype=torch.float16)
     with torch.no_grad(), persistrnn.backend("triton"), persistrnn.pin_config(block_h=16):
         with pytest.raises(ValueError, match="at once"):
             ours(x)
+
+
+@pytest.mark.parametrize("cell,dtype,hidden,batch", [("lstm", torch.bfloat16, 1024, 256), ("gru", torch.float16, 768, 128),
+                                                     ("lstm", torch.float32, 768, 16), ("gru", torch.float32, 1024, 64)])
+def test_grid_larger_than_the_sms_runs_in_launches(cell, dtype, hidden, batch):
+    """Bidirectional layers whose grid exceeds the SMs (large batch; fp32's 8-unit programs) run
+    as several launches, forward and training, and match cuDNN."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("sized for the sm_90 tables")
+    ours, ref = _pair(cell, hidden, dtype, dict(bidirectional=True))
+    x = torch.randn(16, batch, 64, device="cuda", dtype=dtype)
+    with torch.no_grad(), persistrnn.backend("triton"):
+        got, want = _outputs(ours(x)), _outputs(ref(x))
+    assert ours.last_dispatch.path == "triton" and len(ours.last_dispatch.waves) > 1, ours.last_dispatch
+    for g, w in zip(got, want):
+        assert relative_error(g, w) <= tolerance(dtype, "cuda")
+    ours.train(), ref.train()
+    grad_y = torch.randn(16, batch, 2 * hidden, device="cuda", dtype=dtype)
+    with persistrnn.backend("triton"):
+        got = _gradients(ours, x, grad_y)
+    assert ours.last_dispatch.path == "triton" and len(ours.last_dispatch.waves) > 1, ours.last_dispatch
+    want = _gradients(ref, x, grad_y)
+    for g, w in zip(got, want):
+        assert relative_error(g, w) <= tolerance(dtype, "cuda")
 
 
 def test_barrier_timeout_raises_on_the_gpu(monkeypatch):

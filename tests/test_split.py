@@ -8,6 +8,7 @@ import triton.language as tl  # noqa: F401  (the interpreter needs tl in a jit f
 import persistrnn
 import persistrnn.kernels.forward as forward
 import persistrnn.kernels.skeleton as skeleton
+import persistrnn.layers.dispatch as dispatch
 from persistrnn.kernels.forward import BarrierTimeout
 
 from conftest import TOL, assert_close_to_ref, make_pair, rel_err
@@ -90,14 +91,29 @@ def test_pin_config_validates():
                 pass
 
 
-def test_pinned_grid_that_cannot_be_resident_raises(interpret):
+def test_grid_larger_than_the_device_runs_in_launches(interpret):
+    """152 programs (38 batch tiles of 16 x SPLIT 2 x 2 directions) on 132 SMs: a pinned config
+    runs as two launches of blocks of tiles; unpinned, the planner takes 32-row tiles (76
+    programs, one launch)."""
     ours, _ = make_pair("lstm", 4, 32, torch.float32, bidirectional=True)
-    x = torch.randn(2, 600, 4)  # 38 batch tiles of 16 x SPLIT 2 x 2 directions = 152 programs > 132
-    with persistrnn.pin_config(block_h=16, block_b=16), torch.no_grad(), pytest.raises(ValueError, match="at once"):
+    x = torch.randn(2, 600, 4)
+    with persistrnn.pin_config(block_h=16, block_b=16), torch.no_grad():
         ours(x)
-    with persistrnn.pin_config(block_h=16), torch.no_grad():  # the planner takes 32-row tiles: 76 programs
+    assert ours.last_dispatch.waves == ((0, 19, 0, 2), (19, 19, 0, 2))
+    with persistrnn.pin_config(block_h=16), torch.no_grad():
         ours(x)
-    assert ours.last_dispatch.config.block_b == 32
+    assert ours.last_dispatch.config.block_b == 32 and len(ours.last_dispatch.waves) == 1
+
+
+def test_split_wider_than_the_device_raises_or_runs_torch(interpret, monkeypatch):
+    """A batch tile's SPLIT programs must all be resident: with fewer SMs than SPLIT a pinned
+    config raises, and the planner runs torch, saying why."""
+    monkeypatch.setattr(dispatch, "DEFAULT_SMS", 3)
+    ours, _ = make_pair("lstm", 4, 64, torch.float32)
+    with persistrnn.pin_config(block_h=16), torch.no_grad(), pytest.raises(ValueError, match="at once"):
+        ours(torch.randn(2, 3, 4))  # SPLIT = 4 > 3 SMs
+    config, why = dispatch.kernel_config("lstm", torch.float32, 1024, 0, 16, 1, sms=3)
+    assert config is None and "holds 3" in why
 
 
 def test_pinned_single_program_block_larger_than_needed(interpret):

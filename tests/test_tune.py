@@ -49,12 +49,16 @@ def test_cheap_pruning_reasons():
     kept, dropped = space.cheap_prune(big, space.config_space(big), "sm_90", 132)
     assert any(c.block_h == 128 and "shared memory" in why for c, why in dropped)
     assert all(c.block_h * 16 * 2048 <= 227 * 1024 for c in kept)
-    wide = Layer("gru", torch.bfloat16, "forward", 1024, num_directions=2, batch=64)
+    # a grid larger than the SMs stays (it runs as several launches); SPLIT > SMs is dropped
+    wide = Layer("gru", torch.bfloat16, "forward", 1024, num_directions=2, batch=256)
     kept, dropped = space.cheap_prune(wide, space.config_space(wide), "sm_90", 132)
-    assert kept and all(wide.programs(c) <= 132 for c in kept)
-    assert any("cannot all be resident on 132 SMs" in why for _, why in dropped)
-    # the same layer on a smaller device keeps less
-    assert len(space.cheap_prune(wide, space.config_space(wide), "sm_90", 64)[0]) < len(kept)
+    assert any(wide.programs(c) > 132 and wide.launches(c, 132) > 1 for c in kept)
+    assert all(wide.launches(c, 132) >= 1 for c in kept) and not any("resident" in why for _, why in dropped)
+    mid = Layer("gru", torch.bfloat16, "forward", 512, num_directions=2, batch=256)
+    kept16, dropped16 = space.cheap_prune(mid, space.config_space(mid), "sm_90", 16)
+    assert kept16 and all(mid.split(c) <= 16 for c in kept16)
+    assert len(kept16) < len(space.cheap_prune(mid, space.config_space(mid), "sm_90", 132)[0])
+    assert any(mid.split(c) == 32 and "cannot all be resident on 16 SMs" in why for c, why in dropped16)
 
 
 def test_compiled_pruning_drops_spills_and_ranks_the_rest():
