@@ -41,8 +41,7 @@ def _load_step(dy_ptr, saved_ptr, y_ptr, first, step, length, direction, offs_b,
     K-chunks [width, BLOCK_B]), the saved activations of t, and the state before t: c_{t-1} (LSTM,
     saved) or h_{t-1} (GRU, from y), `first` (c0 / h0) at the row's first step. Zero past the length."""
     S: tl.constexpr = 5 if CELL == LSTM else 4
-    # step -1 is the prefetch after the last iteration: nothing to read (its row t would be out of bounds)
-    active = mask_b & (step >= 0) & (step < length)
+    active = mask_b & (step < length)
     t = _time_index(step, length, direction)
     t_prev = tl.where(direction == 1, t + 1, t - 1)
     b64 = offs_b.to(tl.int64)
@@ -193,9 +192,10 @@ def _rnn_backward_kernel(
         if SPLIT > 1:
             _arrive(counter)
         # the next reverse step's inputs, loaded before the wait: off the step's critical path
-        dy, acts, prev = _load_step(dy_ptr, saved_ptr, y_ptr, first, T - 1 - _next(it), length, direction, offs_b,
-                                    mask_b, units, unit_mask, H, R, stride_dyt, stride_dyb, stride_st, stride_sb,
-                                    stride_yt, stride_yb, CELL, HAS_PROJ, CHUNKS, STATE_DTYPE)
+        # after the last iteration there is no next step: load step 0 again (unused) rather than row -1
+        dy, acts, prev = _load_step(dy_ptr, saved_ptr, y_ptr, first, tl.maximum(T - 1 - _next(it), 0), length,
+                                    direction, offs_b, mask_b, units, unit_mask, H, R, stride_dyt, stride_dyb,
+                                    stride_st, stride_sb, stride_yt, stride_yb, CELL, HAS_PROJ, CHUNKS, STATE_DTYPE)
         if SPLIT > 1:
             alive = _wait(counter, SPLIT * (it + 1), alive, MAX_SPIN, INTERPRET)
 
