@@ -192,8 +192,8 @@ def _rnn_backward_kernel(
         if SPLIT > 1:
             _arrive(counter)
         # the next reverse step's inputs, loaded before the wait: off the step's critical path
-        # after the last iteration there is no next step: load step 0 again (unused) rather than row -1
-        dy, acts, prev = _load_step(dy_ptr, saved_ptr, y_ptr, first, tl.maximum(T - 1 - _next(it), 0), length,
+        # (after the last iteration this is step -1: row t = -1, or length in reverse, is read and unused)
+        dy, acts, prev = _load_step(dy_ptr, saved_ptr, y_ptr, first, T - 1 - _next(it), length,
                                     direction, offs_b, mask_b, units, unit_mask, H, R, stride_dyt, stride_dyb,
                                     stride_st, stride_sb, stride_yt, stride_yb, CELL, HAS_PROJ, CHUNKS, STATE_DTYPE)
         if SPLIT > 1:
