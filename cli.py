@@ -1,4 +1,5 @@
-"""The `persistrnn` command (also `python -m persistrnn`): demo, check, capacity, inspect, tune, bench, compare."""
+"""The `persistrnn` command (also `python -m persistrnn`): demo, check, capacity, inspect, tune, bench,
+report, compare."""
 import argparse
 import json
 import sys
@@ -215,10 +216,16 @@ def cmd_bench(argv):
     return bench_layer.main(argv)
 
 
+def cmd_report(argv):
+    """Re-render a benchmark report from its results.json, or compare two (--compare A B)."""
+    from persistrnn.benchmarks import report
+    return report.main(argv)
+
+
 def cmd_compare(args):
     """LSTM or GRU? Parameters, speed, memory and learning ability, measured: a report in markdown,
     JSON and PNG plots, and a summary."""
-    from persistrnn.compare import run
+    from persistrnn.benchmarks.compare import run
     return run.main(args, args.parser, args.argv)
 
 
@@ -273,11 +280,12 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_tune)
     p = sub.add_parser("compare", help=cmd_compare.__doc__, description=cmd_compare.__doc__)
-    from persistrnn.compare.run import add_arguments
+    from persistrnn.benchmarks.compare.run import add_arguments
     add_arguments(p)
     p.set_defaults(func=cmd_compare, parser=p)
-    # listed for --help; main() hands its arguments to benchmarks/bench_layer.py untouched
+    # listed for --help; main() hands their arguments to benchmarks/bench_layer.py and report.py untouched
     sub.add_parser("bench", help=cmd_bench.__doc__, add_help=False)
+    sub.add_parser("report", help=cmd_report.__doc__, add_help=False)
     return parser
 
 
@@ -285,6 +293,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
+    if argv[:1] == ["report"]:
+        return cmd_report(argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = argv
     return args.func(args)

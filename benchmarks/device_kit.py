@@ -20,7 +20,9 @@ $OUT is set, copied there after every phase, so a run cut off still returns what
 2. gpu tests: `pytest -m gpu -n 8` against cuDNN (gpu_tests.log: parity, fast-math accuracy);
 3. tune: `persistrnn tune` over the tuning grid, the table in tuned/<device>.json (commit it as
    autotune/configs/<device>.json);
-4. bench: `persistrnn bench` at the FlashRNN shape (B = 16, T = 1024, H = 768), then a grid.
+4. bench: `persistrnn bench` at the FlashRNN shape (B = 16, T = 1024, H = 768), then a grid
+   (results.json written case by case), then `persistrnn report` renders the grid's report from
+   whatever results.json holds.
 
 kit.json records each phase: command, budget, wall time, exit code, and whether it finished.
 
@@ -64,10 +66,13 @@ def phases(dry_run, results, target):
                             "-rA"], False),
         ("tune", 170, cli + ["tune", *TUNE_GRID, "--seq", "256", "--repeats", "7", "--max-candidates", "4"], False),
         ("bench_flashrnn_shape", 50, cli + ["bench", "--cell", "lstm", "gru", "--batch", "16", "--hidden", "768",
-                                            "--seq", "1024", "--dtype", "float16", "bfloat16", "--out", flashrnn],
+                                            "--seq", "1024", "--dtype", "float16", "bfloat16", "--no-stacked",
+                                            "--out", flashrnn],
          False),
         ("bench_grid", 70, cli + ["bench", "--batch", "1", "16", "64", "--hidden", "256", "512", "1024",
-                                  "--seq", "1024", "--repeat", "10"], False),
+                                  "--dtype", "float16", "bfloat16", "--seq", "1024", "--repeat", "10"], False),
+        # a bench stopped at its budget leaves results.json without its report: render what it measured
+        ("report", 40, cli + ["report", os.path.join(results, "results.json")], False),
     ]
 
 

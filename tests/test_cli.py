@@ -27,7 +27,8 @@ def test_check_passes_and_fails(capsys):
 
 
 def test_python_dash_m_and_help():
-    for command in ([], ["demo"], ["check"], ["capacity"], ["inspect"], ["tune"], ["bench"]):
+    for command in ([], ["demo"], ["check"], ["capacity"], ["inspect"], ["tune"], ["bench"], ["report"],
+                    ["compare"]):
         out = subprocess.run([sys.executable, "-m", "persistrnn", *command, "--help"], capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr

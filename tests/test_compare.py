@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from persistrnn.cli import main
-from persistrnn.compare import cells, tasks
+from persistrnn.benchmarks.compare import cells, tasks
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
@@ -115,6 +115,8 @@ def test_quick_run_writes_a_valid_report(tmp_path, capsys):
             assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     text = (out / "report.md").read_text()
     assert all(f"![{t}]" in text for t in tasks.TASKS) and "## Verdict" in text
+    assert "{config" not in text and "{report" not in text  # no f-string left unformatted
+    assert "Adam, learning rate 0.005" in text and "steps per run adding 60" in text
     for row in report["speed"]:
         assert row["train_us_per_step"] > 0 and row["saved_bytes"] > 0
 
@@ -135,7 +137,7 @@ def test_bad_input_is_an_argparse_error_and_writes_nothing(tmp_path, capsys, arg
 
 
 def test_a_failed_run_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
-    import persistrnn.compare.report as report
+    import persistrnn.benchmarks.compare.report as report
     out = tmp_path / "report"
     out.mkdir()
     (out / "report.md").write_text("before")

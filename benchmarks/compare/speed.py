@@ -1,11 +1,16 @@
 """Speed and memory of one layer: forward and training-step time per time step (medians from
 torch.utils.benchmark), and memory. On a GPU, persistrnn's layer (the kernels) and torch.nn
 (cuDNN) side by side; on CPU, persistrnn's layer, which runs torch's native RNN there (the
-interpreter's times would mean nothing), labelled as CPU figures.
+interpreter's times would mean nothing), labelled as CPU figures, and torch.nn with oneDNN off:
+torch's CPU path fuses the LSTM with oneDNN but runs the GRU cell by cell, so the default path's
+GRU/LSTM time ratio measures the two implementations, and the oneDNN-off rows the same generic
+path for both cells.
 
 Memory: the bytes autograd saves for the backward in one training step (activations; measured with
 saved-tensor hooks, on any device), and on a GPU the peak allocated during the step above what was
 allocated before it."""
+import contextlib
+
 import torch
 import torch.nn as nn
 from torch.utils.benchmark import Timer
@@ -13,6 +18,10 @@ from torch.utils.benchmark import Timer
 import persistrnn
 
 MIN_RUN_SECONDS = 0.3  # per measurement: torch.utils.benchmark repeats blocks until this is spent
+
+
+KINDS_GPU = ("persistrnn", "torch.nn")
+KINDS_CPU = ("persistrnn", "torch.nn, oneDNN off")
 
 
 def _layer(kind, cell, inputs, hidden, device):
@@ -40,7 +49,15 @@ def _saved_bytes(layer, x):
 
 def measure(kind, cell, inputs, hidden, seq, batch, device):
     """{"forward_us_per_step", "train_us_per_step", "saved_bytes", "peak_bytes" (GPU) or None,
-    "path_forward", "path_train" (persistrnn's last_dispatch.path, or "torch.nn")}: one layer of `kind` ("persistrnn" or "torch.nn") at these sizes, medians."""
+    "path_forward", "path_train" (persistrnn's last_dispatch.path, or "torch.nn")}: one layer of `kind`
+    (KINDS_GPU or KINDS_CPU) at these sizes, medians."""
+    # only switched off, so a user's oneDNN settings hold in the other rows
+    off = kind.endswith("oneDNN off")
+    with torch.backends.mkldnn.flags(enabled=False) if off else contextlib.nullcontext():
+        return _measure(kind, cell, inputs, hidden, seq, batch, device)
+
+
+def _measure(kind, cell, inputs, hidden, seq, batch, device):
     torch.manual_seed(0)
     layer = _layer(kind, cell, inputs, hidden, device)
     x = torch.randn(seq, batch, inputs, device=device)

@@ -17,7 +17,9 @@ batch-first tensors: x (n, T, inputs) and the targets.
   pixel, classified after the last; a fixed split of 1200 training and 597 test images.
 """
 import dataclasses
+import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,10 @@ class Task:
     higher_is_better: bool
     min_seq: int  # the smallest --seq the task takes (0: it has no length option)
     default_seq: int
+    default_steps: int  # training steps when --steps is not given: what the task needs on the default sizes
     margin: str  # what "beats the baseline" means, in words
+    batch: Callable = dataclasses.field(repr=False, compare=False)  # (gen, n, seq) -> a training batch (x, target)
+    eval_set: Callable = dataclasses.field(repr=False, compare=False)  # (gen, n, seq) -> the fixed evaluation data
 
     def baseline(self, seq):
         return BASELINES[self.name](seq)
@@ -56,28 +61,6 @@ class Task:
         if self.name == "counting":
             return all(result.extra["recognized"][:2 * COUNTING_N])
         return self.reaches(result.final, result.seq)
-
-
-TASKS = {
-    "adding": Task("adding", 2, 1, "MSE", False, 4, 50, "MSE at most 10% of the baseline's"),
-    "copy": Task("copy", 10, 10, "cross-entropy per step", False, 1, 20, "cross-entropy at most half the baseline's"),
-    "counting": Task("counting", 4, 4, f"fraction of n <= {COUNTING_N} recognized", True, 0, COUNTING_N,
-                     f"every n <= {2 * COUNTING_N} recognized (twice the training lengths)"),
-    "digits": Task("digits", 1, 10, "test accuracy", True, 0, DIGITS_STEPS, "test accuracy at least 0.6"),
-}
-
-BASELINES = {
-    "adding": lambda seq: 1 / 6,
-    "copy": lambda seq: 10 * math.log(8) / (seq + 20),
-    "counting": lambda seq: 0.0,  # the fraction of lengths recognized by a model that learned nothing
-    "digits": lambda seq: 0.1,  # chance over 10 balanced classes
-}
-THRESHOLDS = {
-    "adding": lambda seq: 0.1 / 6,
-    "copy": lambda seq: 0.5 * 10 * math.log(8) / (seq + 20),
-    "counting": lambda seq: 1.0,  # for curves: every training length recognized
-    "digits": lambda seq: 0.6,
-}
 
 
 # ---- adding ----
@@ -138,6 +121,7 @@ def counting_batch(gen, n, seq):
 
 # ---- digits ----
 
+@functools.lru_cache(maxsize=1)
 def digits_data():
     """(x_train, y_train, x_test, y_test): pixels in [0, 1] as (n, 64, 1) sequences. Needs scikit-learn."""
     try:
@@ -150,6 +134,43 @@ def digits_data():
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # one fixed split
     train, test = order[:DIGITS_TRAIN], order[DIGITS_TRAIN:]
     return x[train], y[train], x[test], y[test]
+
+
+def digits_batch(gen, n, seq):
+    """n training images drawn with replacement (seq is the fixed 64)."""
+    x_train, y_train, _, _ = digits_data()
+    rows = torch.randint(0, len(y_train), (n,), generator=gen)
+    return x_train[rows], y_train[rows]
+
+
+# ---- the tasks ----
+
+TASKS = {
+    "adding": Task("adding", 2, 1, "MSE", False, 4, 50, 1000, "MSE at most 10% of the baseline's",
+                   adding_batch, adding_batch),
+    "copy": Task("copy", 10, 10, "cross-entropy per step", False, 1, 20, 3000,
+                 "cross-entropy at most half the baseline's", copy_batch, copy_batch),
+    "counting": Task("counting", 4, 4, f"fraction of n <= {COUNTING_N} recognized", True, 0, COUNTING_N, 1000,
+                     f"every n <= {2 * COUNTING_N} recognized (twice the training lengths)", counting_batch,
+                     lambda gen, n, seq: counting_strings(list(range(1, COUNTING_N + 1)))),
+    "digits": Task("digits", 1, 10, "test accuracy", True, 0, DIGITS_STEPS, 1000,
+                   "test accuracy at least 0.6", digits_batch,
+                   lambda gen, n, seq: digits_data()[2:]),
+}
+
+BASELINES = {
+    "adding": lambda seq: 1 / 6,
+    "copy": lambda seq: 10 * math.log(8) / (seq + 20),
+    "counting": lambda seq: 0.0,  # the fraction of lengths recognized by a model that learned nothing
+    "digits": lambda seq: 0.1,  # chance over 10 balanced classes
+}
+THRESHOLDS = {
+    "adding": lambda seq: 0.1 / 6,
+    "copy": lambda seq: 0.5 * 10 * math.log(8) / (seq + 20),
+    "counting": lambda seq: 1.0,  # for curves: every training length recognized
+    "digits": lambda seq: 0.6,
+}
+
 
 
 # ---- losses and metrics, given the model's outputs (n, T, outputs) ----

@@ -22,7 +22,7 @@ import torch
 
 from . import cells, report, speed, tasks, train
 
-DEFAULTS = dict(hidden=64, seeds=5, steps=300, budget_minutes=7.0)
+DEFAULTS = dict(hidden=64, seeds=5, steps=None, budget_minutes=8.0)  # steps None: each task's default_steps
 QUICK = dict(hidden=32, seeds=3, steps=60, budget_minutes=1.0, seq={"adding": 20, "copy": 10})
 
 
@@ -59,7 +59,9 @@ def add_arguments(p):
     p.add_argument("--seeds", type=_at_least_one, default=None,
                    help=f"seeds per task and cell (default {DEFAULTS['seeds']}, --quick {QUICK['seeds']})")
     p.add_argument("--steps", type=_at_least_one, default=None,
-                   help=f"training steps per run (default {DEFAULTS['steps']}, --quick {QUICK['steps']})")
+                   help="training steps per run, for every task (default per task: "
+                        + ", ".join(f"{t.name} {t.default_steps}" for t in tasks.TASKS.values())
+                        + f"; --quick {QUICK['steps']})")
     p.add_argument("--budget-minutes", type=_positive_float, default=None,
                    help="training time for all runs together; a run stops early when its share is spent "
                         f"(default {DEFAULTS['budget_minutes']}, --quick {QUICK['budget_minutes']})")
@@ -78,6 +80,7 @@ def resolve(args, parser):
             setattr(args, name, preset[name])
     args.tasks = list(dict.fromkeys(args.tasks))
     args.seq_of = {}
+    args.steps_of = {name: args.steps or tasks.TASKS[name].default_steps for name in args.tasks}
     for name in args.tasks:
         task = tasks.TASKS[name]
         if not task.min_seq:  # a fixed length (counting's training lengths, digits' 64 pixels)
@@ -113,8 +116,20 @@ def _device_name(device):
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _gru_hidden(args, inputs):
-    return cells.matched_gru_hidden(inputs, args.hidden) if args.match == "params" else args.hidden
+CALIBRATION_STEPS = 4
+FIT = 0.9  # the projected training time is scaled to this share of the budget: a margin for the timing's error
+
+
+def _calibrate(args, gru_hidden, device):
+    """Training seconds per step of each (task, cell) at this run's sizes, from a few steps of a
+    throwaway model (its first step included, so a slight overestimate)."""
+    per_step = {}
+    for name in args.tasks:
+        for cell in ("lstm", "gru"):
+            hidden = args.hidden if cell == "lstm" else gru_hidden[name]
+            per_step[(name, cell)] = train.seconds_per_step(tasks.TASKS[name], cell, hidden, args.seq_of[name],
+                                                            CALIBRATION_STEPS, device)
+    return per_step
 
 
 def run(args, argv):
@@ -126,10 +141,10 @@ def run(args, argv):
     device = args.device
     first = tasks.TASKS[args.tasks[0]]
     matched = {name: cells.matched_gru_hidden(tasks.TASKS[name].inputs, args.hidden) for name in args.tasks}
-    gru_hidden = {name: _gru_hidden(args, tasks.TASKS[name].inputs) for name in args.tasks}
+    gru_hidden = matched if args.match == "params" else {name: args.hidden for name in args.tasks}
     on_gpu = device.type == "cuda"
     config = dict(command="persistrnn " + " ".join(shlex.quote(a) for a in argv), hidden=args.hidden,
-                  match=args.match, tasks=args.tasks, seq=args.seq_of, seeds=args.seeds, steps=args.steps,
+                  match=args.match, tasks=args.tasks, seq=args.seq_of, seeds=args.seeds, steps=args.steps_of,
                   budget_minutes=args.budget_minutes, quick=args.quick, device=str(device),
                   device_name=_device_name(device), torch=torch.__version__,
                   persistrnn=getattr(persistrnn, "__version__", "0.1.0"),
@@ -141,7 +156,9 @@ def run(args, argv):
                   speed_note=("GPU: persistrnn's layers (the kernels) and torch.nn (cuDNN) side by side; medians of "
                               "torch.utils.benchmark." if on_gpu else
                               "CPU figures: persistrnn's layers run torch's native RNN on CPU (the kernels need a "
-                              "GPU; the interpreter's times would mean nothing); medians of torch.utils.benchmark."))
+                              "GPU; the interpreter's times would mean nothing); there torch fuses the LSTM with "
+                              "oneDNN and runs the GRU cell by cell, so torch.nn with oneDNN off (the same generic "
+                              "path for both cells) is measured too; medians of torch.utils.benchmark."))
 
     parameters = []
     for name in args.tasks:
@@ -156,7 +173,7 @@ def run(args, argv):
         gates={c: cells.gates_of((torch.nn.LSTM if c == "lstm" else torch.nn.GRU)(1, 1)) for c in ("lstm", "gru")},
         same_hidden_parameters={c: cells.parameter_formula(c, first.inputs, args.hidden) for c in ("lstm", "gru")})
 
-    kinds = ("persistrnn", "torch.nn") if on_gpu else ("persistrnn",)
+    kinds = speed.KINDS_GPU if on_gpu else speed.KINDS_CPU
     sizes = [("lstm", args.hidden), ("gru", args.hidden)] + \
         ([("gru", gru_hidden[first.name])] if gru_hidden[first.name] != args.hidden else [])
     speed_rows = []
@@ -165,17 +182,31 @@ def run(args, argv):
             speed_rows.append(speed.measure(kind, cell, first.inputs, hidden, args.seq_of[first.name], train.BATCH,
                                             device))
 
-    jobs = [(name, cell, seed) for name in args.tasks for seed in range(args.seeds) for cell in ("lstm", "gru")]
+    per_step = _calibrate(args, gru_hidden, device)
+    projected = {(name, cell): args.steps_of[name] * per_step[(name, cell)] for name, cell in per_step}
     budget = args.budget_minutes * 60
+    total = args.seeds * sum(projected.values())
+    scale = min(1.0, FIT * budget / total) if total > 0 else 1.0
+    if scale < 1.0:  # fewer steps for every run, the same for both cells of a task
+        args.steps_of = {name: max(1, int(steps * scale)) for name, steps in args.steps_of.items()}
+        projected = {(name, cell): args.steps_of[name] * per_step[(name, cell)] for name, cell in per_step}
+    config.update(steps=args.steps_of, steps_scale=scale,
+                  seconds_per_step_calibrated={f"{n} {c}": v for (n, c), v in per_step.items()})
+
+    jobs = [(name, cell, seed) for name in args.tasks for seed in range(args.seeds) for cell in ("lstm", "gru")]
     spent = 0.0
     runs = []
+    left = args.seeds * sum(projected.values())
     with tqdm(jobs, desc="compare", unit="run", file=sys.stderr) as bar:
-        for index, (name, cell, seed) in enumerate(bar):
+        for name, cell, seed in bar:
             bar.set_postfix_str(f"{name} {cell} seed {seed}")
-            share = max(budget - spent, 0.0) / (len(jobs) - index)  # time a run leaves unused goes to the rest
+            # a run may use what the budget holds beyond the projected times of the runs after it: only
+            # when the machine turns out slower than the timing said do the last runs stop early
+            left -= projected[(name, cell)]
+            share = max(budget - spent - left, 0.0)
             hidden = args.hidden if cell == "lstm" else gru_hidden[name]
-            result = train.train_run(tasks.TASKS[name], cell, hidden, args.seq_of[name], seed, args.steps, share,
-                                     device)
+            result = train.train_run(tasks.TASKS[name], cell, hidden, args.seq_of[name], seed, args.steps_of[name],
+                                     share, device)
             spent += result.curve[-1][1]
             runs.append(result)
 

@@ -52,40 +52,20 @@ class RunResult:
 def _eval_set(task, seq, seed, device):
     """The fixed evaluation data of a (task, seed): the same for both cells."""
     gen = torch.Generator().manual_seed(1_000_003 * (seed + 1))
-    if task.name in ("adding", "copy"):
-        return _to(getattr(T, f"{task.name}_batch")(gen, EVAL_BATCH, seq), device)
-    if task.name == "counting":
-        return _to(T.counting_strings(list(range(1, T.COUNTING_N + 1))), device)
-    _, _, x_test, y_test = _digits(device)
-    return x_test, y_test
+    return _to(task.eval_set(gen, EVAL_BATCH, seq), device)
 
 
-_DIGITS = {}
-
-
-def _digits(device):
-    if device not in _DIGITS:
-        _DIGITS[device] = _to(T.digits_data(), device)
-    return _DIGITS[device]
+def _batches(task, seq, seed, device):
+    """The training batches of a (task, seed), an endless stream, the same for both cells."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield _to(task.batch(gen, BATCH, seq), device)
 
 
 def _to(value, device):
     if isinstance(value, (tuple, list)):
         return type(value)(_to(v, device) for v in value)
     return value.to(device)
-
-
-def _batches(task, seq, seed, device):
-    """The training batches of a (task, seed), an endless stream, the same for both cells."""
-    gen = torch.Generator().manual_seed(seed)
-    if task.name == "digits":
-        x_train, y_train, _, _ = _digits(device)
-        while True:
-            rows = torch.randint(0, len(y_train), (BATCH,), generator=gen).to(device)
-            yield x_train[rows], y_train[rows]
-    make = getattr(T, f"{task.name}_batch")
-    while True:
-        yield _to(make(gen, BATCH, seq), device)
 
 
 @torch.no_grad()
@@ -97,29 +77,42 @@ def _evaluate(model, task, data):
     return value
 
 
+def _setup(task, cell, hidden, seq, seed, device):
+    torch.manual_seed(seed)  # the same initialization for a cell and seed, whatever ran before
+    model = SequenceModel(cell, task.inputs, hidden, task.outputs).to(device)
+    return model, torch.optim.Adam(model.parameters(), lr=LEARNING_RATE), _batches(task, seq, seed, device)
+
+
+def _train_step(model, optimizer, task, x, target):
+    """One Adam step; returns its wall time in seconds."""
+    start = time.perf_counter()
+    loss = T.loss(task, model(x), target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    optimizer.step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def seconds_per_step(task, cell, hidden, seq, steps, device="cpu"):
+    """Mean training seconds per step over `steps` steps of a throwaway model (the first included)."""
+    model, optimizer, batches = _setup(task, cell, hidden, seq, 0, device)
+    return sum(_train_step(model, optimizer, task, *next(batches)) for _ in range(steps)) / steps
+
+
 def train_run(task, cell, hidden, seq, seed, steps, budget_seconds, device="cpu"):
     """Train `cell` on `task` for `steps` Adam steps (fewer if its training time passes
     budget_seconds; evaluation time is not counted) and evaluate EVAL_POINTS times along the way."""
-    torch.manual_seed(seed)  # the same initialization for a cell and seed, whatever ran before
-    model = SequenceModel(cell, task.inputs, hidden, task.outputs).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    model, optimizer, batches = _setup(task, cell, hidden, seq, seed, device)
     eval_data = _eval_set(task, seq, seed, device)
-    batches = _batches(task, seq, seed, device)
     every = max(1, steps // EVAL_POINTS)
     curve = [(0, 0.0, _evaluate(model, task, eval_data))]
     seconds, step, stopped = 0.0, 0, False
     reached = None
     while step < steps:
-        x, target = next(batches)
-        start = time.perf_counter()
-        loss = T.loss(task, model(x), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        optimizer.step()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
+        seconds += _train_step(model, optimizer, task, *next(batches))
         step += 1
         stopped = seconds > budget_seconds and step < steps
         if step % every == 0 or step == steps or stopped:
@@ -141,6 +134,5 @@ def train_run(task, cell, hidden, seq, seed, steps, budget_seconds, device="cpu"
             result.extra["recognized"] = T.recognized(model(x), target).tolist()
         result.extra["ns"] = ns
     if task.name == "digits":
-        x_train, y_train, _, _ = _digits(device)
-        result.extra["train_accuracy"] = _evaluate(model, task, (x_train, y_train))
+        result.extra["train_accuracy"] = _evaluate(model, task, _to(T.digits_data()[:2], device))
     return result
