@@ -101,6 +101,7 @@ def tune_layer(layer, device, *, seq=256, repeats=10, max_candidates=8, workers=
     """Tune one layer on `device` (a CUDA device, or CPU for the interpreter). Returns the table
     entry (also for the summary): choice, config, ms, torch_ms, and how it was obtained."""
     from ..layers.check import tolerance
+    from ..kernels.skeleton import raise_if_failed
     from ..layers.dispatch import target_of
     interpret = device.type != "cuda"
     backend = "interpret" if interpret else "triton"
@@ -114,6 +115,7 @@ def tune_layer(layer, device, *, seq=256, repeats=10, max_candidates=8, workers=
     for config, _ in ranked[:max_candidates]:
         try:
             y, gx = bench.run(config, backend)  # warm-up: compiles on the device
+            raise_if_failed(device)  # a barrier that timed out rejects the config (launches do not wait to tell)
             err = max(_rel_error(y, reference[0]), _rel_error(gx, reference[1]) if gx is not None else 0.0)
         except Exception as exc:  # noqa: BLE001 - a config that cannot run here is dropped, with its reason
             rejected.append((config, f"{type(exc).__name__}: {exc}"))

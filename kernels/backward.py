@@ -286,4 +286,4 @@ def rnn_backward(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengths, dg
             dy.stride(0), dy.stride(1), saved.stride(0), saved.stride(1), y.stride(0), y.stride(1),
             dgates.stride(0), dgates.stride(1), dh_all.stride(0), dh_all.stride(1))
     launch(_rnn_backward_kernel, (tiles, split, dirs), args, dict(constexprs, DIR0=dir0), config=config,
-           interpret=interpret, device=dy.device, what="backward", error=error, max_spin=max_spin)
+           interpret=interpret, device=dy.device, what="backward", max_spin=max_spin)

@@ -258,4 +258,4 @@ def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *, 
             xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1),
             saved.stride(0) if save else 0, saved.stride(1) if save else 0)
     launch(_rnn_forward_kernel, (tiles, split, dirs), args, dict(constexprs, SAVE=save, DIR0=dir0), config=config,
-           interpret=interpret, device=xproj.device, what="forward", error=error, max_spin=max_spin)
+           interpret=interpret, device=xproj.device, what="forward", max_spin=max_spin)

@@ -23,7 +23,7 @@ wgmma descriptors in vector registers (two R2UR per wgmma) instead of uniform on
 The split tier's barrier is a counter per (direction, batch tile) that only grows: a program
 arrives (release atomic_add) after publishing its part of the step, and waits until SPLIT more
 have arrived. The wait is bounded by MAX_SPIN polls, after which the program stops waiting and
-raises `error_ptr`: the host turns the flag into `BarrierTimeout`, so no input can hang the GPU.
+sets the device's sticky flag, so no input can hang the GPU; the host raises it without a sync (below).
 Compiled, the poll is a warp-uniform PTX loop (vote.sync), so that ptxas keeps the loop-invariant
 wgmma descriptors in uniform registers across it (a plain Triton while loop there costs two
 R2UR per wgmma and spills at 4 warps); the interpreter runs the same protocol in Triton.
@@ -320,15 +320,81 @@ class BarrierTimeout(RuntimeError):
 
 def split_scratch(split, D, grid_b, buffer_shape, buffer_dtype, device, interpret=False):
     """The split tier's scratch: the step-parity exchange buffer (2, D, grid_b, *buffer_shape), one
-    barrier counter per (direction, batch tile), and the timeout flag. A single program gets stubs.
-    D and grid_b: the launch's grid (directions, batch tiles). Interpreted, the exchange buffer
-    starts as NaN, so a read of a slot nobody has written yet (a broken barrier) shows in the outputs."""
+    barrier counter per (direction, batch tile), and the device's timeout flag. A single program
+    gets stubs. D and grid_b: the launch's grid (directions, batch tiles). The counters are zeroed
+    by a fill in the launch's stream, so a replayed CUDA graph starts from zero too. Interpreted,
+    the exchange buffer starts as NaN, so a read of a slot nobody has written yet (a broken
+    barrier) shows in the outputs."""
     xbuf = torch.empty((2, D, grid_b, *buffer_shape) if split > 1 else (1,), dtype=buffer_dtype, device=device)
     if interpret:
         xbuf.fill_(float("nan"))
     counters = torch.zeros(D * grid_b if split > 1 else 1, dtype=torch.int32, device=device)
-    error = torch.zeros(1, dtype=torch.int32, device=device)
-    return xbuf, counters, error
+    return xbuf, counters, _watch(device).flag
+
+
+# ---- barrier watch: the timeout flag, read without a host synchronization ----
+
+class _BarrierWatch:
+    """One device's sticky timeout flag (kernels set it; only a raise clears it), its host copy
+    (pinned memory; the flag itself on CPU) and the event after which the copy has landed."""
+
+    def __init__(self, device):
+        self.flag = torch.zeros(1, dtype=torch.int32, device=device)
+        self.host = self.flag if device.type == "cpu" else torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self.event = None
+        self.launches = []  # what ran since the last check, for the error message
+
+
+_WATCHES = {}
+_LAUNCHES_KEPT = 8
+
+
+def _watch(device):
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _WATCHES:
+        _WATCHES[device] = _BarrierWatch(device)
+    return _WATCHES[device]
+
+
+def _after_launch(watch, description):
+    watch.launches = (watch.launches + [description])[-_LAUNCHES_KEPT:]
+    if watch.flag.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        watch.host.copy_(watch.flag, non_blocking=True)
+        watch.event = torch.cuda.Event()
+        watch.event.record()
+
+
+def check_barriers(device, wait=False):
+    """Raise BarrierTimeout if a split launch on `device` timed out. wait=False (at each launch):
+    read the flag's last host copy if it has landed, never blocking; wait=True
+    (raise_if_failed): synchronize the device, then read the flag."""
+    watch = _watch(device)
+    if watch.flag.device.type == "cuda":
+        if wait:
+            torch.cuda.synchronize(watch.flag.device)
+            watch.host.copy_(watch.flag)
+        elif torch.cuda.is_current_stream_capturing() or watch.event is None or not watch.event.query():
+            return
+    if watch.host.numpy()[0]:  # host memory: reading it waits for nothing
+        watch.flag.zero_()
+        watch.host.zero_()
+        launches, watch.launches = watch.launches, []
+        raise BarrierTimeout(
+            "persistrnn: a barrier of a split kernel timed out: its programs were not all running at once, and "
+            "the outputs of that launch (and of what used them) are invalid. Launches since the last check, "
+            "newest last: " + "; ".join(launches))
+
+
+def raise_if_failed(device=None):
+    """Wait for `device` (default: the current CUDA device, or every device used) and raise
+    BarrierTimeout if a persistent kernel's barrier timed out since the last check. Launches check
+    without waiting, so a timeout surfaces at the next launch after the flag's copy has landed, or
+    here."""
+    devices = [device] if device is not None else list(_WATCHES)
+    for d in devices:
+        check_barriers(d, wait=True)
 
 
 # ---- waves: a layer's grid as several launches, one after another ----
@@ -373,9 +439,12 @@ def write_back(t, part, rows, wave):
         t[dir0:dir0 + dirs, rows] = part[dir0:dir0 + dirs]
 
 
-def launch(kernel, grid, args, constexprs, *, config, interpret, device, what, error, max_spin):
-    """Run `kernel` on `grid`, compiled or interpreted; raise BarrierTimeout if a barrier gave up.
+def launch(kernel, grid, args, constexprs, *, config, interpret, device, what, max_spin):
+    """Run `kernel` on `grid`, compiled or interpreted, with no host synchronization: an earlier
+    launch's barrier timeout is raised here (BarrierTimeout) once its flag has reached the host.
     what: "forward" or "backward", the kernel (and its num_warps in `config`)."""
+    watch = _watch(device)
+    check_barriers(device)
     split = grid[1]
     if interpret:
         with interpreting():
@@ -385,8 +454,6 @@ def launch(kernel, grid, args, constexprs, *, config, interpret, device, what, e
         with torch.cuda.device(device):  # triton launches on the current device
             kernel[grid](*args, **constexprs, num_warps=config.warps(what), num_stages=config.num_stages,
                          launch_cooperative_grid=split > 1)
-    if split > 1 and error.item():
-        raise BarrierTimeout(
-            f"persistrnn: a barrier of the split {what} kernel timed out after {max_spin} polls "
-            f"(grid={grid}, first direction {constexprs['DIR0']}, {config}, K chunks={constexprs['CHUNKS']}): its "
-            f"programs were not all running at once; outputs are invalid")
+    if split > 1:
+        _after_launch(watch, f"split {what} kernel (grid={grid}, first direction {constexprs['DIR0']}, {config}, "
+                             f"K chunks={constexprs['CHUNKS']}, waits of at most {max_spin} polls)")

@@ -7,16 +7,20 @@ input gradient is one GEMM (or sum) over the whole sequence:
     dx = dgates @ W_ih            dW_ih = dgates^T x            db_ih = sum dgates
     dW_hh = dgates_h^T h_prev     db_hh = sum dgates_h          dW_hr = dh^T (o * tanh c)
 with dgates_h = dgates for the LSTM, and for the GRU dgates with its n part times r (the n gate
-sees W_hn h + b_hn through r). Double backward is not supported (`once_differentiable`).
+sees W_hn h + b_hn through r).
+
+Higher order: a backward asked to build a graph (create_graph=True), or handed batched gradients
+(vmap over the backward), differentiates the layer recomputed from torch's ops instead
+(reference.py): the kernels give first-order gradients only, and those two must be right too.
 """
 import dataclasses
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..kernels.backward import rnn_backward
 from ..kernels.skeleton import KernelConfig
 from .functional import layer_forward, layer_weights, time_major
+from .reference import layer_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,13 @@ def _h_prev(y, h0, lengths, layer):
     return h_prev
 
 
+def _batched(t):
+    """Whether t is a batched tensor of vmap over the backward (torch.func's, or the legacy one that
+    gradcheck's batched-gradient check uses)."""
+    functorch = torch._C._functorch
+    return t is not None and (functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t))
+
+
 class PersistentLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer, x, lengths, h0, c0, *weights):
@@ -62,11 +73,30 @@ class PersistentLayer(torch.autograd.Function):
         return (y, hn, cn) if layer.cell == "lstm" else (y, hn)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, dh_n, dc_n=None):
         # the backward may be called under autocast; its GEMMs run in the layer's dtype, as the forward's
         with torch.autocast(dy.device.type, enabled=False):
+            if torch.is_grad_enabled() or any(_batched(g) for g in (dy, dh_n, dc_n)):
+                return PersistentLayer._backward_reference(ctx, dy, dh_n, dc_n)
             return PersistentLayer._backward(ctx, dy, dh_n, dc_n)
+
+    @staticmethod
+    def _backward_reference(ctx, dy, dh_n, dc_n):
+        """The gradients of the layer recomputed with torch's ops from the saved inputs: a graph
+        when one is being built (so second derivatives are right), and vmap-able."""
+        x, lengths, h0, c0, _, _, *weights = ctx.saved_tensors
+        inputs = {1: x, 3: h0, 4: c0, **{5 + i: w for i, w in enumerate(weights)}}
+        wanted = [i for i, t in inputs.items() if t is not None and ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            outputs = layer_reference(ctx.layer, x, lengths, h0, c0, weights)
+        pairs = [(out, grad) for out, grad in zip(outputs, (dy, dh_n, dc_n)) if out is not None]
+        grads = torch.autograd.grad([out for out, _ in pairs], [inputs[i] for i in wanted],
+                                    [grad for _, grad in pairs], create_graph=torch.is_grad_enabled(),
+                                    allow_unused=True, materialize_grads=True)
+        result = [None] * (5 + len(weights))
+        for i, grad in zip(wanted, grads):
+            result[i] = grad
+        return tuple(result)
 
     @staticmethod
     def _backward(ctx, dy, dh_n, dc_n):

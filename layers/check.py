@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ..kernels.skeleton import raise_if_failed
 from .backend import backend, current_backend
 from .convert import convert
 from .functional import cudnn_rnn_allows_tf32
@@ -58,6 +59,7 @@ def check(module, input, state=None):
         name = "interpret"
     with backend(name):
         got = _flatten(ours(input, state))
+    raise_if_failed(device)  # a check waits for the device anyway: a barrier timeout is an error here
     if device.type == "cuda":
         ref = _flatten(_torch_twin(ours)(input, state))
     else:

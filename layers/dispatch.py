@@ -29,7 +29,7 @@ MIN_BLOCK = 16  # tl.dot needs every dimension >= 16 on the GPU (SMALL_BLOCK_H: 
 
 @dataclasses.dataclass(frozen=True)
 class Dispatch:
-    path: str  # "triton", "interpret" or "torch"
+    path: str  # "triton", "interpret", "torch" or "reference" (reference.py, under torch.func transforms)
     reason: str
     config: KernelConfig = None
     waves: tuple = None  # the kernel's launches, (tile0, tiles, dir0, dirs) each: launch_waves
@@ -189,6 +189,11 @@ def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_d
     name = current_backend()
     if name == "torch":
         return Dispatch("torch", "backend 'torch' selected")
+    if torch._C._are_functorch_transforms_active():
+        # the kernels read raw memory, which vmap's and grad's wrapped tensors do not expose, and
+        # torch's own RNN has no batching rule: torch's ops step by step (layers/reference.py)
+        return Dispatch("reference", "a torch.func transform (vmap, grad, jacrev, ...) is active: the layer as "
+                                     "torch's differentiable ops, step by step")
     if name == "auto":
         if device.type != "cuda":
             return Dispatch("torch", f"backend 'auto' runs PyTorch's native RNN for {device.type} tensors")

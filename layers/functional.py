@@ -76,27 +76,31 @@ def layer_forward(layer, x, h0, c0, lengths, weights, *, save):
 
 
 def rnn(cell, input, batch_sizes, hx, flat_weights, *, has_bias, num_layers, dropout, training,
-        bidirectional, batch_first, hidden_size, proj_size, config, interpret, waves=None, grad_needed=False):
+        bidirectional, batch_first, hidden_size, proj_size, config, interpret, waves=None, grad_needed=False,
+        reference=False):
     """input: (T, B, I) ((B, T, I) if batch_first), or packed data (N, I) with batch_sizes.
     hx: h0 (L*D, B, R), or (h0, c0) for the LSTM. Returns (output, h_n) or (output, (h_n, c_n)).
     grad_needed: run each layer through autograd (saving for, and running, the backward kernel).
+    reference: run each layer as torch's ops step by step (reference.py), as under torch.func transforms.
     waves: the kernels' launches (dispatch.launch_waves); None: one launch of the whole grid."""
     from .autograd import Layer, PersistentLayer
+    from .reference import layer_reference
 
     D = 2 if bidirectional else 1
     is_lstm = cell == "lstm"
     h0_all, c0_all = (hx if is_lstm else (hx, None))
 
     if batch_sizes is not None:  # packed: run padded, in the packed (sorted) batch order
-        input, lengths = pad_packed_sequence(PackedSequence(input, batch_sizes))
+        input, host_lengths = pad_packed_sequence(PackedSequence(input, batch_sizes))
         batch_first = False
+        # a copy from host memory (torch.nn keeps batch_sizes there): packed input is not graph-capturable
+        lengths = host_lengths.to(device=input.device, dtype=torch.int32)
     else:
         T = input.shape[1 if batch_first else 0]
         B = input.shape[0 if batch_first else 1]
-        lengths = torch.full((B,), T, dtype=torch.int32)
+        lengths = torch.full((B,), T, dtype=torch.int32, device=input.device)  # a fill on the device, no copy
     if input.shape[1 if batch_first else 0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-    lengths = lengths.to(device=input.device, dtype=torch.int32)
     layer = Layer(cell=cell, num_directions=D, hidden_size=hidden_size, real_hidden_size=proj_size or hidden_size,
                   has_bias=has_bias, has_proj=proj_size > 0, batch_first=batch_first, config=config,
                   interpret=interpret, allow_tf32=cudnn_rnn_allows_tf32(), waves=waves)
@@ -108,7 +112,9 @@ def rnn(cell, input, batch_sizes, hx, flat_weights, *, has_bias, num_layers, dro
         weights = flat_weights[index * per_layer:(index + 1) * per_layer]
         h0 = h0_all[index * D:(index + 1) * D].contiguous()
         c0 = c0_all[index * D:(index + 1) * D].contiguous() if is_lstm else None
-        if grad_needed:
+        if reference:
+            y, hn, cn = layer_reference(layer, layer_input, lengths, h0, c0, weights)
+        elif grad_needed:
             y, hn, *cn = PersistentLayer.apply(layer, layer_input, lengths, h0, c0, *weights)
             cn = cn[0] if is_lstm else None
         else:
@@ -121,6 +127,6 @@ def rnn(cell, input, batch_sizes, hx, flat_weights, *, has_bias, num_layers, dro
 
     output = y  # no dropout after the last layer
     if batch_sizes is not None:
-        output = pack_padded_sequence(output, lengths.cpu(), enforce_sorted=True).data
+        output = pack_padded_sequence(output, host_lengths, enforce_sorted=True).data
     h_n = torch.cat(h_n)
     return (output, (h_n, torch.cat(c_n))) if is_lstm else (output, h_n)

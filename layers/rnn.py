@@ -21,6 +21,9 @@ class _PersistentRNN:
     _cell = None
     last_dispatch = None
 
+    # torch.compile runs the layer as it is, a graph break (Dynamo cannot trace the kernels' launch
+    # path; fullgraph=True needs the layer as a custom op, not built yet)
+    @torch.compiler.disable
     def forward(self, input, hx=None):
         self._update_flat_weights()
         data = input.data if isinstance(input, PackedSequence) else input
@@ -111,7 +114,8 @@ class _PersistentRNN:
                     num_layers=self.num_layers, dropout=self.dropout, training=self.training,
                     bidirectional=self.bidirectional, batch_first=self.batch_first,
                     hidden_size=self.hidden_size, proj_size=self.proj_size, config=dispatch.config, waves=dispatch.waves,
-                    interpret=dispatch.path == "interpret", grad_needed=grad_needed)
+                    interpret=dispatch.path == "interpret", reference=dispatch.path == "reference",
+                    grad_needed=grad_needed)
 
         if isinstance(orig_input, PackedSequence):
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \

@@ -1,5 +1,7 @@
 """On a GPU: the compiled kernels against cuDNN (torch.nn on CUDA) with the same weights: outputs,
 and gradients of a training step."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -131,8 +133,14 @@ def test_barrier_timeout_raises_on_the_gpu(monkeypatch):
     ours, _ = _pair("gru", 512, torch.float16, {})
     x = torch.randn(256, 16, 64, device="cuda", dtype=torch.float16)
     with torch.no_grad(), persistrnn.backend("triton"), persistrnn.pin_config(block_h=16):
+        ours(x)  # no host sync in the launch: the flag is read at the next check point
+        with pytest.raises(skeleton.BarrierTimeout):
+            persistrnn.raise_if_failed()
+        ours(x)
+        torch.cuda.synchronize()  # the flag's copy has landed: the next launch raises
         with pytest.raises(skeleton.BarrierTimeout):
             ours(x)
+        persistrnn.raise_if_failed()
 
 
 def _gradients(layer, x, grad_y):
@@ -250,3 +258,57 @@ def test_autocast_matches_cudnn(cell, hidden, kwargs, amp_dtype):
         assert relative_error(g, w) <= tolerance(amp_dtype, "cuda")
     assert ours.last_dispatch.path == "triton", ours.last_dispatch
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())
+
+
+@pytest.mark.parametrize("cell,hidden,block_h", [("lstm", 256, 64), ("gru", 512, None)])
+def test_cuda_graph_capture_of_forward_and_training_step(cell, hidden, block_h):
+    """A forward, and a whole training step (forward, backward, optimizer), captured once with
+    torch.cuda.graph and replayed with fresh inputs copied in, give eager's results; the split tier
+    (block_h < H) has no host sync left to break the capture, and its counters reset each replay."""
+    import contextlib
+    torch.manual_seed(0)
+    pin = persistrnn.pin_config(block_h=block_h) if block_h else contextlib.nullcontext()
+    model = (persistrnn.LSTM if cell == "lstm" else persistrnn.GRU)(64, hidden, device="cuda", dtype=torch.float16)
+    eager = copy.deepcopy(model)
+    static_x = torch.randn(128, 16, 64, device="cuda", dtype=torch.float16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    eager_optimizer = torch.optim.SGD(eager.parameters(), lr=1e-2)
+
+    def step(layer, opt, x):
+        opt.zero_grad(set_to_none=False)
+        out = layer(x)[0]
+        out.float().square().mean().backward()
+        opt.step()
+        return out
+
+    with persistrnn.backend("triton"), pin:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: compiles, allocates the grads
+            for _ in range(2):
+                step(model, optimizer, static_x)
+                step(eager, eager_optimizer, static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        eager.load_state_dict(model.state_dict())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = step(model, optimizer, static_x)
+        with torch.no_grad():
+            forward_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(forward_graph):
+                static_forward = model(static_x)[0]
+        for _ in range(3):
+            x = torch.randn_like(static_x)
+            static_x.copy_(x)
+            graph.replay()
+            want = step(eager, eager_optimizer, x)
+            assert relative_error(static_out, want) <= tolerance(torch.float16, "cuda")
+        assert model.last_dispatch.path == "triton"
+        for got, ref in zip(model.parameters(), eager.parameters()):
+            assert relative_error(got, ref) <= tolerance(torch.float16, "cuda")
+        x = torch.randn_like(static_x)
+        static_x.copy_(x)
+        forward_graph.replay()
+        with torch.no_grad():
+            assert relative_error(static_forward, model(x)[0]) <= tolerance(torch.float16, "cuda")
+        persistrnn.raise_if_failed()

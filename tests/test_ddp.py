@@ -1,0 +1,71 @@
+"""DistributedDataParallel (issue 13): a model with a persistrnn layer trains under DDP, one process
+per rank (gloo on CPU, the kernels through the interpreter), with the same losses as the same
+model with torch.nn's layer, and the ranks' weights stay identical."""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+WORLD = 2
+STEPS = 3
+
+
+class Model(nn.Module):
+    def __init__(self, rnn_cls):
+        super().__init__()
+        self.rnn = rnn_cls(3, 16, num_layers=2, dtype=torch.float64)
+        self.head = nn.Linear(16, 1, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][-1]).squeeze(-1)
+
+
+def _worker(rank, port, out_dir):
+    import persistrnn
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    record = {}
+    for kind, cls in (("persistrnn", persistrnn.LSTM), ("torch.nn", nn.LSTM)):
+        torch.manual_seed(0)  # the same initial weights for both kinds and on every rank
+        model = DistributedDataParallel(Model(cls))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        losses = []
+        for step in range(STEPS):
+            gen = torch.Generator().manual_seed(1000 * step + rank)  # each rank its own batch
+            x = torch.randn(5, 4, 3, generator=gen, dtype=torch.float64)
+            target = torch.randn(4, generator=gen, dtype=torch.float64)
+            with persistrnn.backend("interpret"):
+                loss = (model(x) - target).square().mean()
+                optimizer.zero_grad()
+                loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        path = model.module.rnn.last_dispatch.path if kind == "persistrnn" else "torch.nn"
+        record[kind] = dict(losses=losses, path=path,
+                            weights=torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_trains_with_the_same_losses_as_torch_nn(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for record in ranks:
+        assert record["persistrnn"]["path"] == "interpret"
+        torch.testing.assert_close(torch.tensor(record["persistrnn"]["losses"]),
+                                   torch.tensor(record["torch.nn"]["losses"]), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(record["persistrnn"]["weights"], record["torch.nn"]["weights"],
+                                   rtol=1e-9, atol=1e-12)
+    # the ranks saw different batches, yet DDP's all-reduce kept their weights identical
+    assert ranks[0]["persistrnn"]["losses"] != ranks[1]["persistrnn"]["losses"]
+    assert torch.equal(ranks[0]["persistrnn"]["weights"], ranks[1]["persistrnn"]["weights"])

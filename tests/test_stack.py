@@ -1,0 +1,247 @@
+"""Fitting the PyTorch stack (issue 13), on CPU through the interpreter: no host synchronization on
+the launch path, bitwise determinism, higher-order autograd (second derivatives against torch.nn,
+gradcheck and gradgradcheck with batched gradients), and torch.func (vmap, grad, jacrev,
+functional_call)."""
+import contextlib
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+from torch.func import functional_call, grad, jacrev, vmap
+
+import persistrnn
+import persistrnn.kernels.skeleton as skeleton
+import persistrnn.layers.autograd as autograd_mod
+
+from conftest import make_pair
+
+# calls that wait for the device when their tensor is on a GPU
+SYNCING = {"item": torch.Tensor, "cpu": torch.Tensor, "tolist": torch.Tensor, "__bool__": torch.Tensor,
+           "__int__": torch.Tensor, "__float__": torch.Tensor, "synchronize": torch.cuda}
+
+
+@contextlib.contextmanager
+def no_syncing_calls():
+    """Make the calls that synchronize on a GPU raise, except inside a kernel (the interpreter runs
+    the kernels on the host, where it reads tensors: that is the GPU's own work)."""
+    inside = []
+    real_interpreted = skeleton.interpreted
+
+    def forbid(name, real):
+        def call(*args, **kwargs):
+            if not inside:
+                raise AssertionError(f"a synchronizing call on the launch path: {name}")
+            return real(*args, **kwargs)
+        return call
+
+    class Kernel:
+        def __init__(self, launcher):
+            self.launcher = launcher
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                inside.append(True)
+                try:
+                    return self.launcher[grid](*args, **kwargs)
+                finally:
+                    inside.pop()
+            return run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(skeleton, "interpreted", lambda kernel, **kw: Kernel(real_interpreted(kernel, **kw)))
+        for name, owner in SYNCING.items():
+            mp.setattr(owner, name, forbid(name, getattr(owner, name)))
+        yield
+
+
+def _train_step(ours, x, hx, grad_y):
+    out, _ = ours(x, hx)
+    out.backward(grad_y)
+    return out
+
+
+@pytest.mark.parametrize("cell,kwargs,block_h", [
+    ("lstm", dict(bidirectional=True), 16),  # split tier: 2 programs per tile meet at a barrier
+    ("gru", dict(num_layers=2, batch_first=True), 16),
+    ("lstm", dict(proj_size=8), None),  # one program per tile
+])
+def test_no_host_synchronization_on_the_launch_path(monkeypatch, interpret, cell, kwargs, block_h):
+    ours, _ = make_pair(cell, 4, 32, torch.float32, **kwargs)
+    D = 2 if ours.bidirectional else 1
+    x = torch.randn(3, 5, 4).requires_grad_()
+    h0 = torch.randn(ours.num_layers * D, 3 if ours.batch_first else 5, ours.proj_size or 32)
+    hx = (h0, torch.randn(*h0.shape[:2], 32)) if cell == "lstm" else h0
+    grad_y = torch.randn(*x.shape[:2], D * (ours.proj_size or 32))
+    pin = persistrnn.pin_config(block_h=block_h) if block_h else contextlib.nullcontext()
+    with pin:
+        _train_step(ours, x, hx, grad_y)  # warm: compiles, tables, autocast probes
+        x.grad = None
+        with no_syncing_calls():
+            out = _train_step(ours, x, hx, grad_y)
+    assert ours.last_dispatch.path == "interpret"
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+
+
+def test_the_sync_check_catches_a_sync(monkeypatch, interpret):
+    """The check above can fail: a launch that reads its flag with .item() (as the split tier did)
+    trips it."""
+    ours, _ = make_pair("lstm", 4, 32, torch.float32)
+    x = torch.randn(3, 5, 4)
+    real_check = skeleton.check_barriers
+    monkeypatch.setattr(skeleton, "check_barriers", lambda device, wait=False: (
+        skeleton._watch(device).flag.item(), real_check(device, wait)))
+    with persistrnn.pin_config(block_h=16), torch.no_grad():
+        ours(x)
+        with no_syncing_calls(), pytest.raises(AssertionError, match="synchronizing call.*item"):
+            ours(x)
+
+
+@pytest.mark.parametrize("cell,kwargs,block_h,dtype", [
+    ("lstm", dict(bidirectional=True, proj_size=12), 16, torch.float32),
+    ("gru", dict(num_layers=2), 16, torch.float32),
+    ("lstm", {}, None, torch.bfloat16),
+])
+def test_two_runs_give_the_same_bits(interpret, cell, kwargs, block_h, dtype):
+    ours, _ = make_pair(cell, 6, 32, dtype, **kwargs)
+    x = torch.randn(4, 5, 6, dtype=dtype)
+    D = 2 if ours.bidirectional else 1
+    grad_y = torch.randn(4, 5, D * (ours.proj_size or 32), dtype=dtype)
+    runs = []
+    pin = persistrnn.pin_config(block_h=block_h) if block_h else contextlib.nullcontext()
+    with pin:
+        for _ in range(2):
+            ours.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_()
+            out, hidden = ours(xi)
+            out.backward(grad_y)
+            runs.append([out, *(hidden if cell == "lstm" else (hidden,)), xi.grad,
+                         *(p.grad for p in ours.parameters())])
+    assert ours.last_dispatch.path == "interpret"
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def _second_derivatives(layer, x):
+    """d/d(x, params) of sum(g^3), g = d sum(y^2) / dx taken with create_graph=True."""
+    y = layer(x)[0]
+    g, = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+    return g, torch.autograd.grad((g ** 3).sum(), [x, *layer.parameters()])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_second_derivatives_match_torch_nn(interpret, cell):
+    ours, ref = make_pair(cell, 3, 4, torch.float64, bidirectional=True)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    g, second = _second_derivatives(ours, x)
+    assert ours.last_dispatch.path == "interpret" and g.requires_grad
+    g_ref, second_ref = _second_derivatives(ref, x)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(second, second_ref):
+        assert got is not None and got.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_without_the_recompute_the_second_derivative_is_wrong(monkeypatch, interpret):
+    """Breaking the mechanism: a backward that ignores create_graph gives a first gradient whose
+    graph misses x, and a second derivative of None, the silent wrong answer this guards."""
+    monkeypatch.setattr(autograd_mod.PersistentLayer, "_backward_reference",
+                        staticmethod(lambda ctx, dy, dh, dc: autograd_mod.PersistentLayer._backward(ctx, dy, dh, dc)))
+    ours, ref = make_pair("lstm", 3, 4, torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def second(layer):
+        g, = torch.autograd.grad((layer(x)[0] ** 2).sum(), x, create_graph=True)
+        return torch.autograd.grad((g ** 3).sum(), x, allow_unused=True)[0]
+
+    got, want = second(ours), second(ref)
+    assert want is not None and want.abs().sum() > 0
+    assert got is None or not torch.allclose(got, want)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gradcheck_and_gradgradcheck_with_batched_grads(interpret, cell):
+    ours, _ = make_pair(cell, 3, 4, torch.float64, bidirectional=True)
+    names = [name for name, _ in ours.named_parameters()]
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in ours.parameters()]
+
+    def layer(x, h0, c0, *params):
+        hx = (h0, c0) if cell == "lstm" else h0
+        out, hidden = functional_call(ours, dict(zip(names, params)), (x, hx))
+        return (out, *hidden) if cell == "lstm" else (out, hidden)
+
+    inputs = (x, h0, c0, *params) if cell == "lstm" else (x, h0, *params)
+    if cell == "gru":
+        inputs_fn = lambda x, h0, *params: layer(x, h0, None, *params)  # noqa: E731
+    else:
+        inputs_fn = layer
+    assert gradcheck(inputs_fn, inputs, check_batched_grad=True, fast_mode=True)
+    assert ours.last_dispatch.path == "interpret"
+    assert gradgradcheck(inputs_fn, inputs, check_batched_grad=True, fast_mode=True)
+
+
+def test_torch_func_transforms_match_torch_nn(interpret):
+    ours, ref = make_pair("gru", 3, 4, torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    for transform in (lambda m: grad(lambda xi: m(xi)[0].pow(2).sum())(x),
+                      lambda m: jacrev(lambda xi: m(xi)[0].sum(0))(x),
+                      lambda m: grad(lambda p: functional_call(m, p, (x,))[0].sum())(dict(m.named_parameters()))):
+        got, want = transform(ours), transform(ref)
+        if isinstance(got, dict):
+            got, want = torch.cat([v.flatten() for v in got.values()]), torch.cat([v.flatten() for v in want.values()])
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert ours.last_dispatch.path == "reference"
+    # vmap over the layer: torch.nn's own RNN has no batching rule, so the reference is a loop
+    lstm, ref_lstm = make_pair("lstm", 3, 4, torch.float64, num_layers=2, bidirectional=True, batch_first=True)
+    xs = torch.randn(3, 2, 5, 3, dtype=torch.float64)
+    got = vmap(lambda xi: lstm(xi)[0])(xs)
+    torch.testing.assert_close(got, torch.stack([ref_lstm(xi)[0] for xi in xs]), rtol=1e-10, atol=1e-12)
+    # outside a transform, the kernels run again
+    lstm(xs[0])
+    assert lstm.last_dispatch.path == "interpret"
+
+
+def test_vmap_over_the_backward_runs_the_kernels_forward(interpret):
+    """The forward on the kernels; vmap over its backward (many output gradients at once, as
+    jacobian(vectorize=True) does) differentiates the recomputed layer."""
+    ours, ref = make_pair("lstm", 3, 4, torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    y = ours(x)[0]
+    assert ours.last_dispatch.path == "interpret"
+    cotangents = torch.randn(6, *y.shape, dtype=torch.float64)
+    got = vmap(lambda v: torch.autograd.grad(y, x, v, retain_graph=True)[0])(cotangents)
+    y_ref = ref(x)[0]
+    want = torch.stack([torch.autograd.grad(y_ref, x, v, retain_graph=True)[0] for v in cotangents])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_compile_of_a_model_with_a_layer_runs_it_eagerly(interpret):
+    """torch.compile of a model holding a persistrnn layer (without fullgraph): Dynamo skips the frame
+    that holds an nn.LSTM/GRU (its own rule, for ours as for torch.nn's), and the layer itself is
+    torch.compiler.disable'd, so nothing traces into the kernels' launch path: the same outputs and
+    gradients as eager, on the kernels. (fullgraph=True needs the layer as a custom op: not built.)"""
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = persistrnn.GRU(3, 16, dtype=torch.float64)
+            self.head = torch.nn.Linear(16, 1, dtype=torch.float64)
+
+        def forward(self, x):
+            y, _ = self.rnn(2 * x)
+            return self.head(torch.tanh(y)).square().mean()
+
+    torch._dynamo.reset()
+    model = Model()
+    compiled = torch.compile(model, backend="eager")
+    for _ in range(2):
+        x = torch.randn(5, 2, 3, dtype=torch.float64)
+        want = model(x)
+        want_grads = torch.autograd.grad(want, list(model.parameters()))
+        model.rnn.last_dispatch = None
+        got = compiled(x)
+        assert model.rnn.last_dispatch.path == "interpret"
+        got_grads = torch.autograd.grad(got, list(model.parameters()))
+        assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
