@@ -138,7 +138,10 @@ def _time_ms(fn):
     return start.elapsed_time(end)
 
 
-def _peak_bytes(fn):
+def _peak_bytes(fn, free):
+    """Peak bytes allocated while fn runs, above what was allocated before it; free() first drops
+    what a previous call left (gradients), which fn would free anyway."""
+    free()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -160,12 +163,15 @@ def bench_case(case, warmup, repeat):
     directions = 2 if case["bidirectional"] else 1
     grad_y = torch.randn(case["seq"], case["batch"], directions * hidden, device="cuda", dtype=dtype)
 
+    def free():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+
     def step():
         if mode == "forward":
             with torch.inference_mode():
                 return layer(x)[0]
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
+        free()
         y = layer(x)[0]
         y.backward(grad_y)
         return y
@@ -181,12 +187,16 @@ def bench_case(case, warmup, repeat):
     peak, outputs = {}, {}
     for impl, backend in backends.items():
         with persistrnn.backend(backend):
-            peak[impl] = _peak_bytes(step)
-            y = step().float()
-            outputs[impl] = [y] + ([x.grad.float()] if mode == "train" else [])
+            peak[impl] = _peak_bytes(step, free)
+            y = step()
+            # copies: a float32 .float() is the tensor itself, and holding it would skew the next peak
+            outputs[impl] = [t.detach().float().clone() for t in [y] + ([x.grad] if mode == "train" else [])]
             if impl == "persistrnn":
                 dispatch = layer.last_dispatch
-    error = max((a - b).abs().max().item() for a, b in zip(outputs["persistrnn"], outputs["torch.nn"]))
+                persistrnn.raise_if_failed()  # a barrier timeout belongs to this case, not to a later one
+    free()
+    # torch.max propagates NaN (Python's max would drop one not listed first)
+    error = torch.stack([(a - b).abs().max() for a, b in zip(outputs["persistrnn"], outputs["torch.nn"])]).max().item()
     props = torch.cuda.get_device_properties(0)
     algo = {fwd: cudnn_algo(case["cell"], case["dtype"], case["batch"], hidden, case["seq"], case["input_size"],
                             case["layers"], case["bidirectional"], (props.major, props.minor),
@@ -199,8 +209,12 @@ def bench_case(case, warmup, repeat):
 
 
 def _nvidia_smi(fields):
+    """nvidia-smi's answer for the GPU torch uses (by UUID: nvidia-smi's numbering ignores
+    CUDA_VISIBLE_DEVICES), or None."""
+    uuid = getattr(torch.cuda.get_device_properties(0), "uuid", None)
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader", "-i", "0"],
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader",
+                              "-i", f"GPU-{uuid}" if uuid is not None else "0"],
                              capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -226,7 +240,7 @@ def environment(command):
     props = torch.cuda.get_device_properties(0)
     clocks = _nvidia_smi("clocks.sm,clocks.max.sm,clocks.mem")
     return dict(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-                clocks=None if clocks is None else f"SM, max SM, memory (MHz): {clocks}",
+                clocks=None if clocks is None else f"SM, max SM, memory (MHz), read before the runs: {clocks}",
                 driver=_nvidia_smi("driver_version"), cuda=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version(), torch=torch.__version__, triton=triton.__version__,
                 persistrnn=persistrnn.__version__, python=platform.python_version(), git_commit=_git_commit(),

@@ -41,6 +41,8 @@ def load(path):
 def case_name(case):
     """A shape's name, the same in results.json, the pyperf suites and --compare."""
     name = f"{case['mode']}-{case['cell']}-{case['dtype']}-B{case['batch']}-H{case['hidden']}-T{case['seq']}"
+    if case["input_size"] != case["hidden"]:
+        name += f"-I{case['input_size']}"
     if case["layers"] > 1 or case["bidirectional"]:
         name += f"-L{case['layers']}" + ("-bidir" if case["bidirectional"] else "")
     return name
@@ -293,7 +295,8 @@ def plot_us_per_step(results, path, floor_us):
 def _check_out(results, out):
     """A fixture's report never lands under benchmarks/results/."""
     if results.get("fixture"):
-        inside = os.path.commonpath([os.path.abspath(out), RESULTS_DIR]) == RESULTS_DIR
+        results = os.path.realpath(RESULTS_DIR)
+        inside = os.path.commonpath([os.path.realpath(out), results]) == results
         if inside:
             raise ValueError(f"{out}: a fixture's report (made-up numbers) is never written under {RESULTS_DIR}")
 

@@ -242,7 +242,7 @@ def _rnn_backward_kernel(
     if CELL == LSTM:
         tl.store(dc0_ptr + direction * B * H + offs_b[None, :] * H + units, dc.to(dc0_ptr.dtype.element_ty),
                  mask=mask_bh)
-    tl.store(error_ptr, 1, mask=alive == 0)
+    tl.atomic_add(error_ptr, 1, mask=alive == 0, sem="relaxed")  # counts timed-out programs: only grows
 
 
 def rnn_backward(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengths, dgates, dh_all, dh0, dc0, *,

@@ -208,7 +208,7 @@ def _rnn_forward_kernel(
         tl.store(hn_ptr + direction * B * R + offs_b[None, :] * R + units, h.to(hn_ptr.dtype.element_ty), mask=mask_bh)
     if CELL == LSTM:
         tl.store(cn_ptr + direction * B * H + offs_b[None, :] * H + units, c.to(cn_ptr.dtype.element_ty), mask=mask_bh)
-    tl.store(error_ptr, 1, mask=alive == 0)
+    tl.atomic_add(error_ptr, 1, mask=alive == 0, sem="relaxed")  # counts timed-out programs: only grows
 
 
 def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *, saved=None,

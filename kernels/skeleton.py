@@ -23,7 +23,7 @@ wgmma descriptors in vector registers (two R2UR per wgmma) instead of uniform on
 The split tier's barrier is a counter per (direction, batch tile) that only grows: a program
 arrives (release atomic_add) after publishing its part of the step, and waits until SPLIT more
 have arrived. The wait is bounded by MAX_SPIN polls, after which the program stops waiting and
-sets the device's sticky flag, so no input can hang the GPU; the host raises it without a sync (below).
+adds one to the device's timeout count, so no input hangs the GPU; the host raises it without a sync (below).
 Compiled, the poll is a warp-uniform PTX loop (vote.sync), so that ptxas keeps the loop-invariant
 wgmma descriptors in uniform registers across it (a plain Triton while loop there costs two
 R2UR per wgmma and spills at 4 warps); the interpreter runs the same protocol in Triton.
@@ -320,7 +320,7 @@ class BarrierTimeout(RuntimeError):
 
 def split_scratch(split, D, grid_b, buffer_shape, buffer_dtype, device, interpret=False):
     """The split tier's scratch: the step-parity exchange buffer (2, D, grid_b, *buffer_shape), one
-    barrier counter per (direction, batch tile), and the device's timeout flag. A single program
+    barrier counter per (direction, batch tile), and the device's timeout count. A single program
     gets stubs. D and grid_b: the launch's grid (directions, batch tiles). The counters are zeroed
     by a fill in the launch's stream, so a replayed CUDA graph starts from zero too. Interpreted,
     the exchange buffer starts as NaN, so a read of a slot nobody has written yet (a broken
@@ -329,20 +329,22 @@ def split_scratch(split, D, grid_b, buffer_shape, buffer_dtype, device, interpre
     if interpret:
         xbuf.fill_(float("nan"))
     counters = torch.zeros(D * grid_b if split > 1 else 1, dtype=torch.int32, device=device)
-    return xbuf, counters, _watch(device).flag
+    return xbuf, counters, _watch(device).count
 
 
-# ---- barrier watch: the timeout flag, read without a host synchronization ----
+# ---- barrier watch: the timeout count, read without a host synchronization ----
 
 class _BarrierWatch:
-    """One device's sticky timeout flag (kernels set it; only a raise clears it), its host copy
-    (pinned memory; the flag itself on CPU) and the event after which the copy has landed."""
+    """One device's count of programs whose barrier wait timed out (kernels only add to it; the
+    host never writes it, so no timeout can be lost to a reset), its host copy (pinned memory; the
+    count itself on CPU), and how many of them have been raised already."""
 
     def __init__(self, device):
-        self.flag = torch.zeros(1, dtype=torch.int32, device=device)
-        self.host = self.flag if device.type == "cpu" else torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        self.event = None
-        self.launches = []  # what ran since the last check, for the error message
+        with torch.inference_mode(False):  # made under inference_mode, it could not be copied into later
+            self.count = torch.zeros(1, dtype=torch.int32, device=device)
+            self.host = self.count if device.type == "cpu" else torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self.raised = 0
+        self.launches = []  # what ran since the last raise, for the error message
 
 
 _WATCHES = {}
@@ -354,44 +356,45 @@ def _watch(device):
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if device not in _WATCHES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("persistrnn: run a layer once on this device before capturing it in a CUDA graph "
+                               "(its first launch compiles the kernels and allocates the timeout count)")
         _WATCHES[device] = _BarrierWatch(device)
     return _WATCHES[device]
 
 
 def _after_launch(watch, description):
+    """Queue the count's copy to the host behind the launch, on the count's device's stream. Copies
+    land in stream order, so the host copy only grows too; a copy still in flight is merely late.
+    Not while a CUDA graph is captured: a replay's timeouts reach the host at raise_if_failed()."""
     watch.launches = (watch.launches + [description])[-_LAUNCHES_KEPT:]
-    if watch.flag.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-        watch.host.copy_(watch.flag, non_blocking=True)
-        watch.event = torch.cuda.Event()
-        watch.event.record()
+    if watch.count.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        with torch.cuda.device(watch.count.device):
+            watch.host.copy_(watch.count, non_blocking=True)
 
 
 def check_barriers(device, wait=False):
-    """Raise BarrierTimeout if a split launch on `device` timed out. wait=False (at each launch):
-    read the flag's last host copy if it has landed, never blocking; wait=True
-    (raise_if_failed): synchronize the device, then read the flag."""
+    """Raise BarrierTimeout if more programs on `device` have timed out than were raised before.
+    wait=False (each launch): read the host copy as it is, never blocking; wait=True
+    (raise_if_failed): synchronize the device and copy the count first."""
     watch = _watch(device)
-    if watch.flag.device.type == "cuda":
-        if wait:
-            torch.cuda.synchronize(watch.flag.device)
-            watch.host.copy_(watch.flag)
-        elif torch.cuda.is_current_stream_capturing() or watch.event is None or not watch.event.query():
-            return
-    if watch.host.numpy()[0]:  # host memory: reading it waits for nothing
-        watch.flag.zero_()
-        watch.host.zero_()
+    if wait and watch.count.device.type == "cuda":
+        torch.cuda.synchronize(watch.count.device)
+        watch.host.copy_(watch.count)
+    count = int(watch.host.numpy()[0])  # host memory: reading it waits for nothing
+    if count > watch.raised:
+        timed_out, watch.raised = count - watch.raised, count
         launches, watch.launches = watch.launches, []
         raise BarrierTimeout(
-            "persistrnn: a barrier of a split kernel timed out: its programs were not all running at once, and "
-            "the outputs of that launch (and of what used them) are invalid. Launches since the last check, "
-            "newest last: " + "; ".join(launches))
+            f"persistrnn: a barrier of a split kernel timed out ({timed_out} program(s)): its programs were not "
+            "all running at once, and the outputs of that launch (and of what used them) are invalid. Launches "
+            "since the last check, newest last: " + "; ".join(launches))
 
 
 def raise_if_failed(device=None):
-    """Wait for `device` (default: the current CUDA device, or every device used) and raise
-    BarrierTimeout if a persistent kernel's barrier timed out since the last check. Launches check
-    without waiting, so a timeout surfaces at the next launch after the flag's copy has landed, or
-    here."""
+    """Wait for `device` (default: every device a persistent kernel ran on) and raise BarrierTimeout
+    if a persistent kernel's barrier timed out since the last raise. Launches check without
+    waiting, so a timeout surfaces at a later launch once its count has reached the host, or here."""
     devices = [device] if device is not None else list(_WATCHES)
     for d in devices:
         check_barriers(d, wait=True)
@@ -441,7 +444,7 @@ def write_back(t, part, rows, wave):
 
 def launch(kernel, grid, args, constexprs, *, config, interpret, device, what, max_spin):
     """Run `kernel` on `grid`, compiled or interpreted, with no host synchronization: an earlier
-    launch's barrier timeout is raised here (BarrierTimeout) once its flag has reached the host.
+    launch's barrier timeout is raised here (BarrierTimeout) once its timeout count has reached the host.
     what: "forward" or "backward", the kernel (and its num_warps in `config`)."""
     watch = _watch(device)
     check_barriers(device)

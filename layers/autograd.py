@@ -87,9 +87,12 @@ class PersistentLayer(torch.autograd.Function):
         x, lengths, h0, c0, _, _, *weights = ctx.saved_tensors
         inputs = {1: x, 3: h0, 4: c0, **{5 + i: w for i, w in enumerate(weights)}}
         wanted = [i for i, t in inputs.items() if t is not None and ctx.needs_input_grad[i]]
+        # half precision recomputes in fp32, as the kernels carry their state (casts are differentiable)
+        up = (lambda t: t if t is None or t.dtype not in (torch.float16, torch.bfloat16)  # noqa: E731
+              else t.float())
         with torch.enable_grad():
-            outputs = layer_reference(ctx.layer, x, lengths, h0, c0, weights)
-        pairs = [(out, grad) for out, grad in zip(outputs, (dy, dh_n, dc_n)) if out is not None]
+            outputs = layer_reference(ctx.layer, up(x), lengths, up(h0), up(c0), [up(w) for w in weights])
+        pairs = [(out, up(grad)) for out, grad in zip(outputs, (dy, dh_n, dc_n)) if out is not None]
         grads = torch.autograd.grad([out for out, _ in pairs], [inputs[i] for i in wanted],
                                     [grad for _, grad in pairs], create_graph=torch.is_grad_enabled(),
                                     allow_unused=True, materialize_grads=True)

@@ -189,11 +189,11 @@ def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_d
     name = current_backend()
     if name == "torch":
         return Dispatch("torch", "backend 'torch' selected")
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
         # the kernels read raw memory, which vmap's and grad's wrapped tensors do not expose, and
-        # torch's own RNN has no batching rule: torch's ops step by step (layers/reference.py)
-        return Dispatch("reference", "a torch.func transform (vmap, grad, jacrev, ...) is active: the layer as "
-                                     "torch's differentiable ops, step by step")
+        # drop forward-mode tangents; torch's own RNN has no batching rule: torch's ops step by step
+        return Dispatch("reference", "a torch.func transform (vmap, grad, jacrev, ...) or forward-mode AD is "
+                                     "active: the layer as torch's differentiable ops, step by step")
     if name == "auto":
         if device.type != "cuda":
             return Dispatch("torch", f"backend 'auto' runs PyTorch's native RNN for {device.type} tensors")

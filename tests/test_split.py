@@ -74,8 +74,8 @@ def test_a_broken_barrier_is_caught(monkeypatch, sequential_programs):
 
 def test_barrier_timeout_is_a_python_error_not_a_hang(monkeypatch, sequential_programs):
     """Programs that cannot meet (here: run one after another) time out; the launch itself does not
-    wait for the flag (no host sync), so the error comes at the next check point: the next launch
-    on the device, or persistrnn.raise_if_failed(). Once raised, the flag is clear again."""
+    wait for the timeout count (no host sync), so the error comes at the next check point: the next launch
+    on the device, or persistrnn.raise_if_failed(). Once raised, a timeout is not raised again."""
     monkeypatch.setitem(forward.MAX_SPIN, "interpret", 20)
     _run_split_lstm(monkeypatch)  # timed out, not raised yet
     with pytest.raises(BarrierTimeout, match="timed out.*at most 20 polls"):
@@ -86,7 +86,7 @@ def test_barrier_timeout_is_a_python_error_not_a_hang(monkeypatch, sequential_pr
         _run_split_lstm(monkeypatch)  # the next launch raises the earlier one's timeout
     persistrnn.raise_if_failed()
     monkeypatch.undo()
-    got, want = _run_split_lstm(monkeypatch)  # the flag does not stick to later, healthy launches
+    got, want = _run_split_lstm(monkeypatch)  # later, healthy launches raise nothing
     persistrnn.raise_if_failed()
     assert rel_err(got, want) <= TOL[torch.float64]
 

@@ -83,13 +83,13 @@ def test_no_host_synchronization_on_the_launch_path(monkeypatch, interpret, cell
 
 
 def test_the_sync_check_catches_a_sync(monkeypatch, interpret):
-    """The check above can fail: a launch that reads its flag with .item() (as the split tier did)
+    """The check above can fail: a launch that reads the timeout count with .item() (as the split tier did)
     trips it."""
     ours, _ = make_pair("lstm", 4, 32, torch.float32)
     x = torch.randn(3, 5, 4)
     real_check = skeleton.check_barriers
     monkeypatch.setattr(skeleton, "check_barriers", lambda device, wait=False: (
-        skeleton._watch(device).flag.item(), real_check(device, wait)))
+        skeleton._watch(device).count.item(), real_check(device, wait)))
     with persistrnn.pin_config(block_h=16), torch.no_grad():
         ours(x)
         with no_syncing_calls(), pytest.raises(AssertionError, match="synchronizing call.*item"):
@@ -198,6 +198,15 @@ def test_torch_func_transforms_match_torch_nn(interpret):
     xs = torch.randn(3, 2, 5, 3, dtype=torch.float64)
     got = vmap(lambda xi: lstm(xi)[0])(xs)
     torch.testing.assert_close(got, torch.stack([ref_lstm(xi)[0] for xi in xs]), rtol=1e-10, atol=1e-12)
+    # forward-mode AD (a dual tensor's tangent): the kernels would drop it
+    import torch.autograd.forward_ad as fwAD
+    tangent = torch.randn_like(x)
+    tangents = []
+    for layer in (ours, ref):
+        with fwAD.dual_level():
+            tangents.append(fwAD.unpack_dual(layer(fwAD.make_dual(x, tangent))[0]).tangent)
+    assert ours.last_dispatch.path == "reference"
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-10, atol=1e-12)
     # outside a transform, the kernels run again
     lstm(xs[0])
     assert lstm.last_dispatch.path == "interpret"
@@ -245,3 +254,27 @@ def test_torch_compile_of_a_model_with_a_layer_runs_it_eagerly(interpret):
         assert model.rnn.last_dispatch.path == "interpret"
         got_grads = torch.autograd.grad(got, list(model.parameters()))
         assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+
+
+def test_torch_compile_with_allow_rnn_compiles_around_the_layer(interpret):
+    """With torch._dynamo.config.allow_rnn (Dynamo's opt-in for RNN modules), the code before and
+    after the layer compiles (a graph break at the layer), results unchanged, no recompile."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = torch.nn.Sequential()  # holder for the two parts below
+    model.rnn = persistrnn.LSTM(3, 16, dtype=torch.float64)
+    model.head = torch.nn.Linear(16, 1, dtype=torch.float64)
+
+    def loss(x):
+        y, _ = model.rnn(2 * x)
+        return model.head(torch.tanh(y)).square().mean()
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(loss, backend=counter)
+        for _ in range(2):
+            x = torch.randn(5, 2, 3, dtype=torch.float64)
+            assert torch.equal(compiled(x), loss(x))
+            assert counter.frame_count == 2  # before and after the layer; the second call reuses them
+    assert model.rnn.last_dispatch.path == "interpret"

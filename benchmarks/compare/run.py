@@ -122,7 +122,7 @@ FIT = 0.9  # the projected training time is scaled to this share of the budget: 
 
 def _calibrate(args, gru_hidden, device):
     """Training seconds per step of each (task, cell) at this run's sizes, from a few steps of a
-    throwaway model (its first step included, so a slight overestimate)."""
+    throwaway model after an untimed one."""
     per_step = {}
     for name in args.tasks:
         for cell in ("lstm", "gru"):

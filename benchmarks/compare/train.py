@@ -97,8 +97,10 @@ def _train_step(model, optimizer, task, x, target):
 
 
 def seconds_per_step(task, cell, hidden, seq, steps, device="cpu"):
-    """Mean training seconds per step over `steps` steps of a throwaway model (the first included)."""
+    """Mean training seconds per step over `steps` steps of a throwaway model, after one untimed
+    step (on a GPU the first compiles)."""
     model, optimizer, batches = _setup(task, cell, hidden, seq, 0, device)
+    _train_step(model, optimizer, task, *next(batches))
     return sum(_train_step(model, optimizer, task, *next(batches)) for _ in range(steps)) / steps
 
 
