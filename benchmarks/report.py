@@ -124,14 +124,14 @@ def markdown(results, plots):
         out += [f"## {title}", "",
                 "| cell | dtype | B | H | T | layers | persistrnn ms | torch.nn ms | speedup | persistrnn path | "
                 "cuDNN algorithm | max abs error |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for c in cases:
-            d = summarize(c)
+        summaries = [summarize(c) for c in cases]
+        for c, d in zip(cases, summaries):
             layers = f"{c['layers']}{' bidir' if c['bidirectional'] else ''}"
             out.append(f"| {c['cell']} | {c['dtype']} | {c['batch']} | {c['hidden']} | {c['seq']} | {layers} | "
                        f"{_ms(d['stats']['persistrnn'])} | {_ms(d['stats']['torch.nn'])} | {d['speedup']:.2f}x | "
                        f"{_path(c)} | {c['cudnn_algo']} | {c['max_abs_error']:.2e} |")
-        speedups = [summarize(c)["speedup"] for c in cases]
-        kernel = [summarize(c)["speedup"] for c in cases if c["path"] != "torch"]
+        speedups = [d["speedup"] for d in summaries]
+        kernel = [d["speedup"] for c, d in zip(cases, summaries) if c["path"] != "torch"]
         out += ["", f"Geometric mean of the speedups: **{geomean(speedups):.2f}x** over {len(speedups)} cases"
                 + (f" ({geomean(kernel):.2f}x over the {len(kernel)} run by persistrnn's kernels)" if kernel else
                    " (none ran persistrnn's kernels)") + ".", ""]
