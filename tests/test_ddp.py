@@ -3,6 +3,9 @@ per rank (gloo on CPU, the kernels through the interpreter), with the same losse
 model with torch.nn's layer, and the ranks' weights stay identical."""
 import os
 import socket
+import time
+
+import pytest
 
 import torch
 import torch.distributed as dist
@@ -12,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 WORLD = 2
 STEPS = 3
+TIMEOUT_S = 300
 
 
 class Model(nn.Module):
@@ -48,7 +52,10 @@ def _worker(rank, port, out_dir):
         record[kind] = dict(losses=losses, path=path,
                             weights=torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    dist.barrier()
+    # Skip the process group's teardown: ProcessGroupGloo's destructor joins its worker thread while
+    # holding the GIL, and that thread can be waiting for the GIL (a deadlock seen once in CI).
+    os._exit(0)
 
 
 def _free_port():
@@ -58,7 +65,13 @@ def _free_port():
 
 
 def test_ddp_trains_with_the_same_losses_as_torch_nn(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    context = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=5):  # a hung rank fails the test instead of holding up CI
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the DDP ranks did not finish in {TIMEOUT_S} s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for record in ranks:
         assert record["persistrnn"]["path"] == "interpret"
