@@ -9,6 +9,7 @@ current autocast state, and takes the dtypes of what comes back. Cached per comb
 import functools
 
 import torch
+import torch._dynamo
 from torch import _VF
 
 
@@ -21,6 +22,8 @@ def enabled(device_type):
         return False
 
 
+# torch.compile asks once, when it traces the layer (the answer is a constant of the graph)
+@torch._dynamo.assume_constant_result
 def torch_dtypes(cell, device_type, input_dtype, state_dtypes, weight_dtype, has_proj):
     """(output dtype, h_n dtype[, c_n dtype]) of torch.nn's `cell` on `device_type` under the
     current autocast state, for these input, state and weight dtypes."""

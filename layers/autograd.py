@@ -1,6 +1,13 @@
-"""Training through the persistent kernels: one `torch.autograd.Function` per layer (all directions).
+"""Training through the persistent kernels: one layer (all directions) as two custom ops,
+`persistrnn::layer_forward` and `persistrnn::layer_backward`, with autograd between them.
 
-forward: the forward kernel with SAVE (per step gate activations and c, see kernels/forward.py).
+Custom ops (torch.library) rather than an autograd.Function, so that torch.compile sees one opaque
+op per layer pass: Dynamo traces the model around it without a graph break, AOTAutograd and
+Inductor get its output shapes from the fake implementations, and at run time the op launches the
+kernels as in eager mode. Eager mode runs the same ops.
+
+forward: the forward kernel, saving (per step gate activations and c, see kernels/forward.py) when
+`save` is set.
 backward: the backward kernel walks the sequence in reverse and returns the pre-activation
 gradients of every step (dgates), dh0, dc0 (and dh_t with proj_size); then every weight, bias and
 input gradient is one GEMM (or sum) over the whole sequence:
@@ -12,20 +19,28 @@ sees W_hn h + b_hn through r).
 Higher order: a backward asked to build a graph (create_graph=True), or handed batched gradients
 (vmap over the backward), differentiates the layer recomputed from torch's ops instead
 (reference.py): the kernels give first-order gradients only, and those two must be right too.
+
+The ops take the layer's fixed description (`Layer`) as a JSON string (`layer_spec`): a custom
+op's arguments are tensors and plain values, and a string survives Inductor's graph cache.
 """
 import dataclasses
+import functools
+import json
+from typing import List, Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from ..kernels.backward import rnn_backward
-from ..kernels.skeleton import KernelConfig
-from .functional import layer_forward, layer_weights, time_major
+from ..kernels.forward import SAVED
+from ..kernels.skeleton import KernelConfig, state_dtype
+from .functional import cudnn_rnn_allows_tf32, layer_forward, layer_weights, time_major
 from .reference import layer_reference
 
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """What is fixed about one layer call (passed through autograd as a non-tensor argument)."""
+    """What is fixed about one layer call."""
     cell: str
     num_directions: int
     hidden_size: int
@@ -37,6 +52,29 @@ class Layer:
     interpret: bool
     allow_tf32: bool
     waves: tuple = None  # the kernels' launches (dispatch.launch_waves); None: the whole grid at once
+
+
+@functools.lru_cache(maxsize=None)
+def layer_spec(layer):
+    return json.dumps(dataclasses.asdict(layer), sort_keys=True)
+
+
+def describe_layer(cell, num_directions, hidden_size, proj_size, has_bias, batch_first, config, interpret, waves):
+    """The spec (layer_spec) of one layer call, with torch's current TF32 setting for cuDNN's RNNs."""
+    return layer_spec(Layer(cell=cell, num_directions=num_directions, hidden_size=hidden_size,
+                            real_hidden_size=proj_size or hidden_size, has_bias=has_bias, has_proj=proj_size > 0,
+                            batch_first=batch_first, config=config, interpret=interpret,
+                            allow_tf32=cudnn_rnn_allows_tf32(), waves=waves))
+
+
+@functools.lru_cache(maxsize=None)
+def layer_from_spec(spec):
+    fields = json.loads(spec)
+    if fields["config"] is not None:
+        fields["config"] = KernelConfig(**fields["config"])
+    if fields["waves"] is not None:
+        fields["waves"] = tuple(tuple(wave) for wave in fields["waves"])
+    return Layer(**fields)
 
 
 def _h_prev(y, h0, lengths, layer):
@@ -64,89 +102,194 @@ def _batched(t):
     return t is not None and (functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t))
 
 
-class PersistentLayer(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, layer, x, lengths, h0, c0, *weights):
-        y, hn, cn, saved = layer_forward(layer, x, h0, c0, lengths, weights, save=True)
-        ctx.layer = layer
-        ctx.save_for_backward(x, lengths, h0, c0, y, saved, *weights)
-        return (y, hn, cn) if layer.cell == "lstm" else (y, hn)
+def _needs_reference(*grads):
+    """A backward building a graph (create_graph=True), or handed batched gradients, differentiates
+    the reference: the kernels give neither. (So does a forward run without `save`.)"""
+    return torch.is_grad_enabled() or any(_batched(g) for g in grads)
+
+
+def _none_to_empty(t, like):
+    """A custom op returns tensors only: an absent one travels as an empty tensor."""
+    return like.new_empty(0) if t is None else t
+
+
+# ---- forward ---------------------------------------------------------------------------------------
+
+def _layer_forward(x, lengths, h0, c0, weights, spec, save):
+    y, hn, cn, saved = layer_forward(layer_from_spec(spec), x, h0, c0, lengths, weights, save=save)
+    return y, hn, _none_to_empty(cn, h0), _none_to_empty(saved, x)
+
+
+@torch.library.custom_op("persistrnn::layer_forward", mutates_args=())
+def layer_forward_op(x: Tensor, lengths: Tensor, h0: Tensor, c0: Optional[Tensor], weights: List[Tensor],
+                     spec: str, save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, h_n, c_n, saved) of one layer; c_n (GRU) and saved (without `save`) are empty tensors."""
+    return _layer_forward(x, lengths, h0, c0, weights, spec, save)
+
+
+@layer_forward_op.register_fake
+def _(x, lengths, h0, c0, weights, spec, save):
+    layer = layer_from_spec(spec)
+    D, H = layer.num_directions, layer.hidden_size
+    y = x.new_empty(*x.shape[:2], D * layer.real_hidden_size)
+    cn = torch.empty_like(c0) if layer.cell == "lstm" else h0.new_empty(0)
+    saved = (x.new_empty(*x.shape[:2], D, SAVED[layer.cell], H, dtype=state_dtype(x.dtype)) if save
+             else x.new_empty(0))
+    return y, torch.empty_like(h0), cn, saved
+
+
+def _setup_context(ctx, inputs, output):
+    x, lengths, h0, c0, weights, spec, save = inputs
+    y, _, _, saved = output
+    ctx.spec, ctx.saved_for_kernel = spec, save
+    ctx.mark_non_differentiable(saved)
+    ctx.save_for_backward(x, lengths, h0, c0, y, saved, *weights)
+
+
+def _gradients(ctx, needs, dy, dh_n, dc_n, kernel_backward):
+    """(dx, dh0, dc0, *weight gradients), None where `needs` (x, h0, c0, *weights) says no."""
+    layer = layer_from_spec(ctx.spec)
+    x, lengths, h0, c0, y, saved, *weights = ctx.saved_tensors
+    needs = (needs[0], needs[1], needs[2] and c0 is not None, *needs[3:])
+    if layer.cell == "gru":
+        dc_n = None
+    # the backward may be called under autocast; its GEMMs run in the layer's dtype, as the forward's
+    with torch.autocast(dy.device.type, enabled=False):
+        if _needs_reference(dy, dh_n, dc_n) or not ctx.saved_for_kernel:
+            return backward_reference(layer, x, lengths, h0, c0, weights, needs, dy, dh_n, dc_n)
+        grads = kernel_backward(layer, x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n, dc_n)
+        return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _through_the_op(layer, x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n, dc_n):
+    return layer_backward_op(dy, dh_n, dc_n, x, lengths, h0, c0, y, saved, weights, layer_spec(layer), list(needs))
+
+
+def _op_backward(ctx, dy, dh_n, dc_n, _):
+    needs_x, _, needs_h0, needs_c0, needs_weights, _, _ = ctx.needs_input_grad
+    dx, dh0, dc0, *dweights = _gradients(ctx, (needs_x, needs_h0, needs_c0, *needs_weights), dy, dh_n, dc_n,
+                                         _through_the_op)
+    return dx, None, dh0, dc0, dweights, None, None
+
+
+layer_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _EagerLayer(torch.autograd.Function):
+    """The custom op's forward and backward in eager mode, without the custom op dispatcher's cost on
+    the host: through the op, a layer's training step took 140 us more on a 2-core CPU (kernels
+    stubbed out); through this, the same as before the op existed."""
 
     @staticmethod
-    def backward(ctx, dy, dh_n, dc_n=None):
-        # the backward may be called under autocast; its GEMMs run in the layer's dtype, as the forward's
-        with torch.autocast(dy.device.type, enabled=False):
-            if torch.is_grad_enabled() or any(_batched(g) for g in (dy, dh_n, dc_n)):
-                return PersistentLayer._backward_reference(ctx, dy, dh_n, dc_n)
-            return PersistentLayer._backward(ctx, dy, dh_n, dc_n)
+    def forward(ctx, x, lengths, h0, c0, spec, save, *weights):
+        # the ctx form: a Function with a separate setup_context binds its arguments by
+        # inspect.signature on every call
+        output = _layer_forward(x, lengths, h0, c0, weights, spec, save)
+        _setup_context(ctx, (x, lengths, h0, c0, weights, spec, save), output)
+        return output
 
     @staticmethod
-    def _backward_reference(ctx, dy, dh_n, dc_n):
-        """The gradients of the layer recomputed with torch's ops from the saved inputs: a graph
-        when one is being built (so second derivatives are right), and vmap-able."""
-        x, lengths, h0, c0, _, _, *weights = ctx.saved_tensors
-        inputs = {1: x, 3: h0, 4: c0, **{5 + i: w for i, w in enumerate(weights)}}
-        wanted = [i for i, t in inputs.items() if t is not None and ctx.needs_input_grad[i]]
-        # half precision recomputes in fp32, as the kernels carry their state (casts are differentiable)
-        up = (lambda t: t if t is None or t.dtype not in (torch.float16, torch.bfloat16)  # noqa: E731
-              else t.float())
-        with torch.enable_grad():
-            outputs = layer_reference(ctx.layer, up(x), lengths, up(h0), up(c0), [up(w) for w in weights])
-        pairs = [(out, up(grad)) for out, grad in zip(outputs, (dy, dh_n, dc_n)) if out is not None]
-        grads = torch.autograd.grad([out for out, _ in pairs], [inputs[i] for i in wanted],
-                                    [grad for _, grad in pairs], create_graph=torch.is_grad_enabled(),
-                                    allow_unused=True, materialize_grads=True)
-        result = [None] * (5 + len(weights))
-        for i, grad in zip(wanted, grads):
-            result[i] = grad
-        return tuple(result)
+    def backward(ctx, dy, dh_n, dc_n, _):
+        needs_x, _, needs_h0, needs_c0, _, _, *needs_weights = ctx.needs_input_grad
+        dx, dh0, dc0, *dweights = _gradients(ctx, (needs_x, needs_h0, needs_c0, *needs_weights), dy, dh_n, dc_n,
+                                             layer_backward)
+        return dx, None, dh0, dc0, None, None, *dweights
 
-    @staticmethod
-    def _backward(ctx, dy, dh_n, dc_n):
-        layer = ctx.layer
-        x, lengths, h0, c0, y, saved, *weights = ctx.saved_tensors
-        cell, D, H, R = layer.cell, layer.num_directions, layer.hidden_size, layer.real_hidden_size
-        G = 4 if cell == "lstm" else 3
-        w_ih, _, w_hh, _, w_hr = layer_weights(cell, weights, D, layer.has_bias, layer.has_proj, H)
-        # autograd materializes the gradients of unused outputs as zeros
-        dh_n = dh_n.contiguous()
-        if cell == "lstm":
-            dc_n = dc_n.contiguous()
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
-        dgates = x.new_empty(*x.shape[:2], D * G * H)
-        dh_all = torch.empty_like(y) if layer.has_proj else None
-        dh0 = torch.empty_like(h0)
-        dc0 = torch.empty_like(c0) if cell == "lstm" else None
-        if dgates.shape[0] * dgates.shape[1] > 0:
-            bf = layer.batch_first
-            rnn_backward(cell, time_major(dy, bf), dh_n, dc_n, time_major(saved, bf), time_major(y, bf), h0, c0,
-                         w_hh, w_hr, lengths, time_major(dgates, bf),
-                         None if dh_all is None else time_major(dh_all, bf), dh0, dc0,
-                         config=layer.config, interpret=layer.interpret, allow_tf32=layer.allow_tf32,
-                         waves=layer.waves)
 
-        rows = dgates.reshape(-1, D * G * H)  # one row per (t, b), in x's layout
-        dx = (rows @ w_ih).reshape(x.shape) if ctx.needs_input_grad[1] else None
-        if not any(ctx.needs_input_grad[5:]):  # frozen weights: no weight GEMMs
-            return (None, dx, None, dh0, dc0, *(None for _ in weights))
-        dw_ih = rows.t() @ x.reshape(-1, x.shape[-1])
-        db_ih = rows.sum(0)
-        if cell == "gru":  # the n gate's h side: r * (W_hn h + b_hn)
-            dgates_h = dgates.clone().view(*x.shape[:2], D, G, H)
-            dgates_h[..., 2, :] *= saved[..., 0, :]
-            rows_h = dgates_h.reshape(-1, D * G * H)
-        else:
-            rows_h = rows
-        h_prev = _h_prev(y, h0, lengths, layer).reshape(-1, D * R)
-        grads = []
-        for d in range(D):
-            gates = slice(d * G * H, (d + 1) * G * H)
-            grads += [dw_ih[gates], rows_h[:, gates].t() @ h_prev[:, d * R:(d + 1) * R]]
-            if layer.has_bias:
-                grads += [db_ih[gates], rows_h[:, gates].sum(0)]
-            if layer.has_proj:  # h_t = (o * tanh c_t) @ W_hr^T
-                h_cell = (saved[..., d, 3, :] * torch.tanh(saved[..., d, 4, :])).reshape(-1, H).to(y.dtype)
-                grads.append(dh_all.reshape(-1, D * R)[:, d * R:(d + 1) * R].t() @ h_cell)
-        grads = [g.to(w.dtype) for g, w in zip(grads, weights)]
-        return (None, dx, None, dh0, dc0, *grads)
+# ---- backward --------------------------------------------------------------------------------------
+
+@torch.library.custom_op("persistrnn::layer_backward", mutates_args=())
+def layer_backward_op(dy: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], x: Tensor, lengths: Tensor, h0: Tensor,
+                      c0: Optional[Tensor], y: Tensor, saved: Tensor, weights: List[Tensor], spec: str,
+                      needs: List[bool]) -> List[Tensor]:
+    """[dx, dh0, dc0, *weight gradients] of one layer by the backward kernel and GEMMs; an entry not
+    in `needs` is an empty tensor."""
+    grads = layer_backward(layer_from_spec(spec), x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n, dc_n)
+    return [_none_to_empty(g if need else None, x) for g, need in zip(grads, needs)]
+
+
+@layer_backward_op.register_fake
+def _(dy, dh_n, dc_n, x, lengths, h0, c0, y, saved, weights, spec, needs):
+    return [torch.empty_like(t) if need else x.new_empty(0) for t, need in zip((x, h0, c0, *weights), needs)]
+
+
+def layer_backward(layer, x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n, dc_n):
+    """(dx, dh0, dc0, *weight gradients) of one layer from the backward kernel and whole-sequence
+    GEMMs; needs: whether each is wanted (x, h0, c0, *weights); an unwanted one may be None."""
+    cell, D, H, R = layer.cell, layer.num_directions, layer.hidden_size, layer.real_hidden_size
+    G = 4 if cell == "lstm" else 3
+    w_ih, _, w_hh, _, w_hr = layer_weights(cell, weights, D, layer.has_bias, layer.has_proj, H)
+    # autograd materializes the gradients of unused outputs as zeros
+    dh_n = dh_n.contiguous()
+    if cell == "lstm":
+        dc_n = dc_n.contiguous()
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    dgates = x.new_empty(*x.shape[:2], D * G * H)
+    dh_all = torch.empty_like(y) if layer.has_proj else None
+    dh0 = torch.empty_like(h0)
+    dc0 = torch.empty_like(c0) if cell == "lstm" else None
+    if dgates.shape[0] * dgates.shape[1] > 0:
+        bf = layer.batch_first
+        rnn_backward(cell, time_major(dy, bf), dh_n, dc_n, time_major(saved, bf), time_major(y, bf), h0, c0,
+                     w_hh, w_hr, lengths, time_major(dgates, bf),
+                     None if dh_all is None else time_major(dh_all, bf), dh0, dc0,
+                     config=layer.config, interpret=layer.interpret, allow_tf32=layer.allow_tf32,
+                     waves=layer.waves)
+
+    rows = dgates.reshape(-1, D * G * H)  # one row per (t, b), in x's layout
+    dx = (rows @ w_ih).reshape(x.shape) if needs[0] else None
+    if not any(needs[3:]):  # frozen weights: no weight GEMMs
+        return (dx, dh0, dc0, *(None for _ in weights))
+    x_rows = x.reshape(-1, x.shape[-1])
+    if cell == "gru":  # the n gate's h side: r * (W_hn h + b_hn)
+        dgates_h = dgates.clone().view(*x.shape[:2], D, G, H)
+        dgates_h[..., 2, :] *= saved[..., 0, :]
+        rows_h = dgates_h.reshape(-1, D * G * H)
+    else:
+        rows_h = rows
+    h_prev = _h_prev(y, h0, lengths, layer).reshape(-1, D * R)
+    grads = []
+    for d in range(D):
+        gates = slice(d * G * H, (d + 1) * G * H)
+        # one GEMM per direction: a custom op's outputs may not be views of one another
+        grads += [rows[:, gates].t() @ x_rows, rows_h[:, gates].t() @ h_prev[:, d * R:(d + 1) * R]]
+        if layer.has_bias:
+            grads += [rows[:, gates].sum(0), rows_h[:, gates].sum(0)]
+        if layer.has_proj:  # h_t = (o * tanh c_t) @ W_hr^T
+            h_cell = (saved[..., d, 3, :] * torch.tanh(saved[..., d, 4, :])).reshape(-1, H).to(y.dtype)
+            grads.append(dh_all.reshape(-1, D * R)[:, d * R:(d + 1) * R].t() @ h_cell)
+    return (dx, dh0, dc0, *(g.to(w.dtype) for g, w in zip(grads, weights)))
+
+
+def backward_reference(layer, x, lengths, h0, c0, weights, needs, dy, dh_n, dc_n):
+    """The gradients of the layer recomputed with torch's ops from the saved inputs: a graph when
+    one is being built (so second derivatives are right), and vmap-able. Same order as
+    layer_backward's."""
+    inputs = (x, h0, c0, *weights)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and needs[i]]
+    # half precision recomputes in fp32, as the kernels carry their state (casts are differentiable)
+    up = (lambda t: t if t is None or t.dtype not in (torch.float16, torch.bfloat16)  # noqa: E731
+          else t.float())
+    with torch.enable_grad():
+        outputs = layer_reference(layer, up(x), lengths, up(h0), up(c0), [up(w) for w in weights])
+    pairs = [(out, up(grad)) for out, grad in zip(outputs, (dy, dh_n, dc_n)) if out is not None]
+    grads = torch.autograd.grad([out for out, _ in pairs], [inputs[i] for i in wanted],
+                                [grad for _, grad in pairs], create_graph=torch.is_grad_enabled(),
+                                allow_unused=True, materialize_grads=True)
+    result = [None] * len(inputs)
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return tuple(result)
+
+
+def run_layer(spec, x, lengths, h0, c0, weights, save):
+    """(y, h_n, c_n) of one layer (spec: layer_spec); c_n None for the GRU. `save`: keep what the
+    backward kernel needs (training). Traced by torch.compile: the custom op; eager: _EagerLayer."""
+    if torch.compiler.is_compiling():
+        y, hn, cn, _ = layer_forward_op(x, lengths, h0, c0, list(weights), spec, save)
+    elif save:
+        y, hn, cn, _ = _EagerLayer.apply(x, lengths, h0, c0, spec, save, *weights)
+    else:  # nothing to differentiate
+        y, hn, cn, _ = _layer_forward(x, lengths, h0, c0, weights, spec, save)
+    return y, hn, (cn if c0 is not None else None)

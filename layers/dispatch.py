@@ -33,6 +33,8 @@ class Dispatch:
     reason: str
     config: KernelConfig = None
     waves: tuple = None  # the kernel's launches, (tile0, tiles, dir0, dirs) each: launch_waves
+    # the layer as its custom ops take it (autograd.layer_spec); None on the torch path
+    spec: str = dataclasses.field(default=None, repr=False)
 
 
 def block_for(n):

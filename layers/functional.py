@@ -2,9 +2,9 @@
 
 Mirrors `torch._VF.lstm / gru`: takes the (already validated) input, state and torch.nn's flat
 weight list, and returns (output, h_n[, c_n]). Per layer: one GEMM for the input projection of
-every step and both directions, then one kernel launch for the whole time loop. When autograd
-needs gradients, each layer runs as one `autograd.PersistentLayer` (forward saves, backward
-kernel, weight GEMMs); otherwise the forward saves nothing.
+every step and both directions, then one kernel launch for the whole time loop. Each layer runs as
+the custom op `persistrnn::layer_forward` (autograd.py): when autograd needs gradients it saves for
+the backward kernel; otherwise it saves nothing.
 """
 import torch
 import torch.nn.functional as F
@@ -76,14 +76,13 @@ def layer_forward(layer, x, h0, c0, lengths, weights, *, save):
 
 
 def rnn(cell, input, batch_sizes, hx, flat_weights, *, has_bias, num_layers, dropout, training,
-        bidirectional, batch_first, hidden_size, proj_size, config, interpret, waves=None, grad_needed=False,
-        reference=False):
+        bidirectional, batch_first, hidden_size, proj_size, spec, grad_needed=False, reference=False):
     """input: (T, B, I) ((B, T, I) if batch_first), or packed data (N, I) with batch_sizes.
     hx: h0 (L*D, B, R), or (h0, c0) for the LSTM. Returns (output, h_n) or (output, (h_n, c_n)).
+    spec: every layer's fixed description (autograd.layer_spec: kernel config, launches, interpreter).
     grad_needed: run each layer through autograd (saving for, and running, the backward kernel).
-    reference: run each layer as torch's ops step by step (reference.py), as under torch.func transforms.
-    waves: the kernels' launches (dispatch.launch_waves); None: one launch of the whole grid."""
-    from .autograd import Layer, PersistentLayer
+    reference: run each layer as torch's ops step by step (reference.py), as under torch.func transforms."""
+    from .autograd import layer_from_spec, run_layer
     from .reference import layer_reference
 
     D = 2 if bidirectional else 1
@@ -101,9 +100,6 @@ def rnn(cell, input, batch_sizes, hx, flat_weights, *, has_bias, num_layers, dro
         lengths = torch.full((B,), T, dtype=torch.int32, device=input.device)  # a fill on the device, no copy
     if input.shape[1 if batch_first else 0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-    layer = Layer(cell=cell, num_directions=D, hidden_size=hidden_size, real_hidden_size=proj_size or hidden_size,
-                  has_bias=has_bias, has_proj=proj_size > 0, batch_first=batch_first, config=config,
-                  interpret=interpret, allow_tf32=cudnn_rnn_allows_tf32(), waves=waves)
     per_layer = D * (2 + 2 * has_bias + (proj_size > 0))
 
     layer_input = input
@@ -113,12 +109,9 @@ def rnn(cell, input, batch_sizes, hx, flat_weights, *, has_bias, num_layers, dro
         h0 = h0_all[index * D:(index + 1) * D].contiguous()
         c0 = c0_all[index * D:(index + 1) * D].contiguous() if is_lstm else None
         if reference:
-            y, hn, cn = layer_reference(layer, layer_input, lengths, h0, c0, weights)
-        elif grad_needed:
-            y, hn, *cn = PersistentLayer.apply(layer, layer_input, lengths, h0, c0, *weights)
-            cn = cn[0] if is_lstm else None
+            y, hn, cn = layer_reference(layer_from_spec(spec), layer_input, lengths, h0, c0, weights)
         else:
-            y, hn, cn, _ = layer_forward(layer, layer_input, h0, c0, lengths, weights, save=False)
+            y, hn, cn = run_layer(spec, layer_input, lengths, h0, c0, weights, save=grad_needed)
         h_n.append(hn)
         c_n.append(cn)
         layer_input = y

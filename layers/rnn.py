@@ -6,13 +6,39 @@ order, init, state_dict, `.to()`, `flatten_parameters()` and repr are torch's ow
 `dispatch.plan` decides, and records that choice in `self.last_dispatch`.
 """
 import dataclasses
+import operator
 
 import torch
+import torch._dynamo
 from torch import _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import autocast, functional
+from .autograd import describe_layer
 from .dispatch import log, plan
+
+# Dynamo refuses to trace any module that is a torch.nn.LSTM/GRU (ours subclass them) unless this
+# opt-in is set; with it, torch.compile(fullgraph=True) traces our forward down to its custom ops
+# (autograd.py). It applies to torch.nn's own RNN modules too: Dynamo then traces them as well.
+torch._dynamo.config.allow_rnn = True
+
+
+# torch.compile calls it once when it traces a layer and keeps the result as a constant of the graph
+# (a later backend(), pin_config or tune does not re-plan a compiled model: recompile it)
+@torch._dynamo.assume_constant_result
+def _plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_directions, grad_needed, has_bias,
+          batch_first, autocast_dtype):
+    """dispatch.plan's Dispatch, with the spec of the layer its custom ops take (kernel paths) or its
+    reference runs; autocast_dtype: the dtype autocast runs the layer in (None: autocast off)."""
+    dispatch = plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_directions, grad_needed)
+    if autocast_dtype is not None:
+        dispatch = dataclasses.replace(
+            dispatch, reason=f"{dispatch.reason} (autocast: run in {autocast_dtype}, as torch.nn does)")
+    if dispatch.path == "torch":
+        return dispatch
+    spec = describe_layer(cell, num_directions, hidden_size, proj_size, has_bias, batch_first, dispatch.config,
+                          dispatch.path == "interpret", dispatch.waves)
+    return dataclasses.replace(dispatch, spec=spec)
 
 
 class _PersistentRNN:
@@ -21,9 +47,6 @@ class _PersistentRNN:
     _cell = None
     last_dispatch = None
 
-    # torch.compile runs the layer as it is, a graph break (Dynamo cannot trace the kernels' launch
-    # path; fullgraph=True needs the layer as a custom op, not built yet)
-    @torch.compiler.disable
     def forward(self, input, hx=None):
         self._update_flat_weights()
         data = input.data if isinstance(input, PackedSequence) else input
@@ -47,9 +70,7 @@ class _PersistentRNN:
             input = cast(input)
         if hx is not None:
             hx = tuple(cast(s) for s in hx) if self._cell == "lstm" else cast(hx)
-        output, hidden = self._forward(input, hx, [cast(w) for w in self._flat_weights])
-        self.last_dispatch = dataclasses.replace(
-            self.last_dispatch, reason=f"{self.last_dispatch.reason} (autocast: run in {run}, as torch.nn does)")
+        output, hidden = self._forward(input, hx, [cast(w) for w in self._flat_weights], autocast_dtype=run)
         back = lambda t, dt: t if t.dtype == dt else t.to(dt)  # noqa: E731
         if isinstance(output, PackedSequence):
             output = PackedSequence(back(output.data, dtypes[0]), *output[1:])
@@ -59,7 +80,7 @@ class _PersistentRNN:
             return output, (back(hidden[0], dtypes[1]), back(hidden[1], dtypes[2]))
         return output, back(hidden, dtypes[1])
 
-    def _forward(self, input, hx, flat_weights):
+    def _forward(self, input, hx, flat_weights, autocast_dtype=None):
         is_lstm = self._cell == "lstm"
         orig_input = input
         num_directions = 2 if self.bidirectional else 1
@@ -92,10 +113,17 @@ class _PersistentRNN:
         states = hx if is_lstm else (hx,)
         grad_needed = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, *states, *flat_weights))
-        dispatch = plan(self._cell, input.device, input.dtype, flat_weights[0].dtype,
-                        self.hidden_size, self.proj_size, max_batch_size, num_directions, grad_needed)
+        if torch.compiler.is_compiling():
+            # torch.compile plans when it traces: one graph per batch size (operator.index makes a
+            # dynamic batch size a constant, guarded), the plan a constant in it
+            max_batch_size = operator.index(max_batch_size)
+        dispatch = _plan(self._cell, input.device, input.dtype, flat_weights[0].dtype, self.hidden_size,
+                         self.proj_size, max_batch_size, num_directions, grad_needed, self.bias,
+                         self.batch_first and batch_sizes is None,  # packed input runs time-major
+                         autocast_dtype)
         self.last_dispatch = dispatch
-        log.debug("%s: %s (%s) %s", type(self).__name__, dispatch.path, dispatch.reason, dispatch.config or "")
+        if not torch.compiler.is_compiling():
+            log.debug("%s: %s (%s) %s", type(self).__name__, dispatch.path, dispatch.reason, dispatch.config or "")
 
         if dispatch.path == "torch":
             vf = _VF.lstm if is_lstm else _VF.gru
@@ -113,9 +141,8 @@ class _PersistentRNN:
                     self._cell, input, batch_sizes, hx, flat_weights, has_bias=self.bias,
                     num_layers=self.num_layers, dropout=self.dropout, training=self.training,
                     bidirectional=self.bidirectional, batch_first=self.batch_first,
-                    hidden_size=self.hidden_size, proj_size=self.proj_size, config=dispatch.config, waves=dispatch.waves,
-                    interpret=dispatch.path == "interpret", reference=dispatch.path == "reference",
-                    grad_needed=grad_needed)
+                    hidden_size=self.hidden_size, proj_size=self.proj_size, spec=dispatch.spec,
+                    reference=dispatch.path == "reference", grad_needed=grad_needed)
 
         if isinstance(orig_input, PackedSequence):
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \

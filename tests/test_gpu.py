@@ -312,3 +312,36 @@ def test_cuda_graph_capture_of_forward_and_training_step(cell, hidden, block_h):
         with torch.no_grad():
             assert relative_error(static_forward, model(x)[0]) <= tolerance(torch.float16, "cuda")
         persistrnn.raise_if_failed()
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compile_fullgraph_training_step(mode):
+    """torch.compile(fullgraph=True) of a model with a persistrnn LSTM on the GPU: the layer is one
+    custom op per pass inside Inductor's graph ("reduce-overhead": inside its CUDA graphs), the
+    loss and gradients as eager's."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = persistrnn.LSTM(64, 256, num_layers=2, device="cuda", dtype=torch.bfloat16)
+            self.head = nn.Linear(256, 1, device="cuda", dtype=torch.bfloat16)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0]).float().square().mean()
+
+    torch._dynamo.reset()
+    model = Model()
+    compiled = torch.compile(model, fullgraph=True, mode=mode)
+    with persistrnn.backend("triton"):
+        for _ in range(3):
+            x = torch.randn(32, 16, 64, device="cuda", dtype=torch.bfloat16)
+            loss = compiled(x)
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+            want = model(x)
+            want_grads = torch.autograd.grad(want, list(model.parameters()))
+            assert relative_error(loss, want) <= tolerance(torch.bfloat16, "cuda")
+            for g, w in zip(grads, want_grads):
+                assert relative_error(g, w) <= tolerance(torch.bfloat16, "cuda")
+        assert model.rnn.last_dispatch.path == "triton"
+        persistrnn.raise_if_failed()
