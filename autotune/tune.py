@@ -175,9 +175,8 @@ def tune(layers, device, *, seq=256, repeats=10, max_candidates=8, workers=None,
 
 
 def _sms(device):
-    """The SMs a device offers the split tier; the planner's DEFAULT_SMS for the interpreter."""
-    from ..layers.dispatch import DEFAULT_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
+    from ..layers.dispatch import device_sms
+    return device_sms(device)
 
 
 def static_report(layers, target, *, workers=None, top=3, progress=None):

@@ -1,10 +1,11 @@
 """Training through the persistent kernels: one layer (all directions) as two custom ops,
 `persistrnn::layer_forward` and `persistrnn::layer_backward`, with autograd between them.
 
-Custom ops (torch.library) rather than an autograd.Function, so that torch.compile sees one opaque
-op per layer pass: Dynamo traces the model around it without a graph break, AOTAutograd and
-Inductor get its output shapes from the fake implementations, and at run time the op launches the
-kernels as in eager mode. Eager mode runs the same ops.
+Custom ops (torch.library), so that torch.compile sees one opaque op per layer pass: Dynamo traces
+the model around it without a graph break, AOTAutograd and Inductor get its output shapes from the
+fake implementations, and at run time the op launches the kernels as in eager mode; and so that
+vmap has a batching rule (the mapped dimension folded into the batch). Plain eager calls run the
+same functions through `_EagerLayer`, an autograd.Function, which costs the host less.
 
 forward: the forward kernel, saving (per step gate activations and c, see kernels/forward.py) when
 `save` is set.
@@ -34,6 +35,7 @@ from torch import Tensor
 from ..kernels.backward import rnn_backward
 from ..kernels.forward import SAVED
 from ..kernels.skeleton import KernelConfig, state_dtype
+from .dispatch import device_sms, launch_waves
 from .functional import cudnn_rnn_allows_tf32, layer_forward, layer_weights, time_major
 from .reference import layer_reference
 
@@ -136,6 +138,43 @@ def _(x, lengths, h0, c0, weights, spec, save):
     saved = (x.new_empty(*x.shape[:2], D, SAVED[layer.cell], H, dtype=state_dtype(x.dtype)) if save
              else x.new_empty(0))
     return y, torch.empty_like(h0), cn, saved
+
+
+@layer_forward_op.register_vmap
+def _(info, in_dims, x, lengths, h0, c0, weights, spec, save):
+    """vmap over a layer: with shared weights and lengths, the mapped dimension becomes more batch
+    rows of one launch (batch rows are independent); otherwise one launch per mapped slice."""
+    x_dim, lengths_dim, h0_dim, c0_dim, weight_dims, _, _ = in_dims
+    V = info.batch_size
+    if lengths_dim is not None or any(d is not None for d in weight_dims):
+        def pick(t, dim, v):
+            return t if t is None or dim is None else t.select(dim, v)
+        slices = [layer_forward_op(pick(x, x_dim, v), pick(lengths, lengths_dim, v), pick(h0, h0_dim, v),
+                                   pick(c0, c0_dim, v), [pick(w, d, v) for w, d in zip(weights, weight_dims)],
+                                   spec, save) for v in range(V)]
+        return tuple(torch.stack(outputs) for outputs in zip(*slices)), (0, 0, 0, 0)
+    layer = layer_from_spec(spec)
+    D, bf = layer.num_directions, layer.batch_first
+    x = _mapped_first(x, x_dim, V)  # (V, T, B, I), or (V, B, T, I) batch-first
+    B = x.shape[1 if bf else 2]
+    x = x.reshape(V * B, *x.shape[2:]) if bf else x.transpose(0, 1).reshape(x.shape[1], V * B, x.shape[3])
+    states = [None if s is None else _mapped_first(s, dim, V).transpose(0, 1).reshape(D, V * B, s.shape[-1])
+              for s, dim in ((h0, h0_dim), (c0, c0_dim))]  # (V, D, B, R) -> (D, V*B, R)
+    folded = dataclasses.replace(layer, waves=launch_waves(layer.config, V * B, layer.hidden_size, D,
+                                                           device_sms(x.device)))
+    y, hn, cn, saved = layer_forward_op(x, lengths.repeat(V), *states, weights, layer_spec(folded), save)
+
+    def unfold(t, batch_dim):  # the batch dimension (V*B) back into (V, B): V is the mapped one
+        return t.unflatten(batch_dim, (V, B)), batch_dim
+    sequence_dim = 0 if bf else 1  # y's and saved's batch dimension; the states' is 1
+    return tuple(zip(unfold(y, sequence_dim), unfold(hn, 1),
+                     unfold(cn, 1) if layer.cell == "lstm" else (cn, None),
+                     unfold(saved, sequence_dim) if save else (saved, None)))
+
+
+def _mapped_first(t, dim, size):
+    """t with its mapped dimension first (expanded where t is not mapped)."""
+    return t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
 
 
 def _setup_context(ctx, inputs, output):
@@ -286,7 +325,7 @@ def backward_reference(layer, x, lengths, h0, c0, weights, needs, dy, dh_n, dc_n
 def run_layer(spec, x, lengths, h0, c0, weights, save):
     """(y, h_n, c_n) of one layer (spec: layer_spec); c_n None for the GRU. `save`: keep what the
     backward kernel needs (training). Traced by torch.compile: the custom op; eager: _EagerLayer."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():  # vmap: its batching rule
         y, hn, cn, _ = layer_forward_op(x, lengths, h0, c0, list(weights), spec, save)
     elif save:
         y, hn, cn, _ = _EagerLayer.apply(x, lengths, h0, c0, spec, save, *weights)

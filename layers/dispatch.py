@@ -29,7 +29,7 @@ MIN_BLOCK = 16  # tl.dot needs every dimension >= 16 on the GPU (SMALL_BLOCK_H: 
 
 @dataclasses.dataclass(frozen=True)
 class Dispatch:
-    path: str  # "triton", "interpret", "torch" or "reference" (reference.py, under torch.func transforms)
+    path: str  # "triton", "interpret", "torch" or "reference" (reference.py, under torch.func's grad transforms)
     reason: str
     config: KernelConfig = None
     waves: tuple = None  # the kernel's launches, (tile0, tiles, dir0, dirs) each: launch_waves
@@ -44,6 +44,19 @@ def block_for(n):
 _pinned = contextvars.ContextVar("persistrnn_pinned_config", default=None)
 # programs that can run at once where no GPU tells us: an H100's SMs, one program each
 DEFAULT_SMS = 132
+
+
+def device_sms(device):
+    """The SMs a device offers the split tier; DEFAULT_SMS for the interpreter."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
+
+
+def only_vmap_active():
+    """Whether the torch.func transforms active now are all vmap (the kernels' op has a batching
+    rule: autograd.py), and forward-mode AD is off."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return (torch.autograd.forward_ad._current_level < 0 and
+            all(i.key() == torch._C._functorch.TransformType.Vmap for i in retrieve_all_functorch_interpreters()))
 
 
 @contextlib.contextmanager
@@ -191,10 +204,11 @@ def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_d
     name = current_backend()
     if name == "torch":
         return Dispatch("torch", "backend 'torch' selected")
-    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
-        # the kernels read raw memory, which vmap's and grad's wrapped tensors do not expose, and
-        # drop forward-mode tangents; torch's own RNN has no batching rule: torch's ops step by step
-        return Dispatch("reference", "a torch.func transform (vmap, grad, jacrev, ...) or forward-mode AD is "
+    transforms = torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+    if transforms and not only_vmap_active():
+        # the kernels read raw memory, which grad's wrapped tensors do not expose, and drop
+        # forward-mode tangents; torch's own RNN has no batching rule: torch's ops step by step
+        return Dispatch("reference", "a torch.func transform (grad, jacrev, vjp, ...) or forward-mode AD is "
                                      "active: the layer as torch's differentiable ops, step by step")
     if name == "auto":
         if device.type != "cuda":
@@ -212,7 +226,7 @@ def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_d
         props = torch.cuda.get_device_properties(device)
         return Dispatch("torch", f"no kernel tables for {props.name} (compute capability {props.major}.{props.minor}, "
                                  f"{props.shared_memory_per_block_optin // 1024} KB shared memory per block)")
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
+    sms = device_sms(device)
     pass_ = "train" if grad_needed else "forward"
     what = "kernels (forward saving for backward, backward)" if grad_needed else "kernel"
     if not _pinned.get():  # a pinned config overrides the tuned and shipped tables too

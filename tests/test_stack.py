@@ -198,11 +198,8 @@ def test_torch_func_transforms_match_torch_nn(interpret):
             got, want = torch.cat([v.flatten() for v in got.values()]), torch.cat([v.flatten() for v in want.values()])
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
         assert ours.last_dispatch.path == "reference"
-    # vmap over the layer: torch.nn's own RNN has no batching rule, so the reference is a loop
-    lstm, ref_lstm = make_pair("lstm", 3, 4, torch.float64, num_layers=2, bidirectional=True, batch_first=True)
+    lstm, _ = make_pair("lstm", 3, 4, torch.float64, num_layers=2, bidirectional=True, batch_first=True)
     xs = torch.randn(3, 2, 5, 3, dtype=torch.float64)
-    got = vmap(lambda xi: lstm(xi)[0])(xs)
-    torch.testing.assert_close(got, torch.stack([ref_lstm(xi)[0] for xi in xs]), rtol=1e-10, atol=1e-12)
     # forward-mode AD (a dual tensor's tangent): the kernels would drop it
     import torch.autograd.forward_ad as fwAD
     tangent = torch.randn_like(x)
@@ -215,6 +212,61 @@ def test_torch_func_transforms_match_torch_nn(interpret):
     # outside a transform, the kernels run again
     lstm(xs[0])
     assert lstm.last_dispatch.path == "interpret"
+
+
+@pytest.fixture
+def forward_launches(monkeypatch):
+    """The (batch rows, time steps) of every forward launch (the layer's call; the kernels still run)."""
+    shapes = []
+    real = autograd_mod.layer_forward
+
+    def recording(layer, x, *args, **kwargs):
+        shapes.append((x.shape[0], x.shape[1]) if layer.batch_first else (x.shape[1], x.shape[0]))
+        return real(layer, x, *args, **kwargs)
+
+    monkeypatch.setattr(autograd_mod, "layer_forward", recording)
+    return shapes
+
+
+@pytest.mark.parametrize("cell,batch_first", [("lstm", True), ("lstm", False), ("gru", False)])
+def test_vmap_folds_the_mapped_dimension_into_the_kernels_batch(interpret, forward_launches, cell, batch_first):
+    """vmap over a layer runs the kernels once per layer with V x B rows (the mapped dimension is more
+    batch rows), states mapped on their own dimension; torch.nn's RNN has no batching rule, so the
+    reference is a loop. A forward under vmap trains through the backward kernel."""
+    V, B, T = 3, 2, 5
+    ours, ref = make_pair(cell, 3, 4, torch.float64, num_layers=2, bidirectional=True, batch_first=batch_first)
+    xs = torch.randn(V, *((B, T) if batch_first else (T, B)), 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, V, B, 4, dtype=torch.float64)  # mapped along dim 1
+    hx = (h0, torch.randn_like(h0)) if cell == "lstm" else h0
+
+    def layer(module, x, hx):
+        out, hidden = module(x, hx)
+        return (out, *hidden) if cell == "lstm" else (out, hidden)
+
+    got = vmap(lambda x, hx: layer(ours, x, hx), in_dims=(0, 1))(xs, hx)
+    assert ours.last_dispatch.path == "interpret" and forward_launches == [(V * B, T)] * 2
+    per_slice = [layer(ref, xs[v], tuple(s[:, v] for s in hx) if cell == "lstm" else hx[:, v]) for v in range(V)]
+    for g, want in zip(got, zip(*per_slice)):
+        torch.testing.assert_close(g, torch.stack(want), rtol=1e-10, atol=1e-12)
+    xs_ref = xs.detach().clone().requires_grad_()
+    sum(o.square().sum() for o in got).backward()
+    sum(o.square().sum() for s in [layer(ref, xs_ref[v], tuple(t[:, v] for t in hx) if cell == "lstm" else hx[:, v])
+                                   for v in range(V)] for o in s).backward()
+    torch.testing.assert_close(xs.grad, xs_ref.grad, rtol=1e-10, atol=1e-12)
+    for p, p_ref in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_vmap_over_stacked_weights_runs_a_launch_per_model(interpret, forward_launches):
+    """An ensemble (torch.func.stack_module_state): each mapped slice has its own weights, so each is
+    its own launch."""
+    from torch.func import stack_module_state
+    pairs = [make_pair("gru", 3, 4, torch.float64) for _ in range(3)]
+    params, _ = stack_module_state([ours for ours, _ in pairs])
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    got = vmap(lambda p: functional_call(pairs[0][0], p, (x,))[0])(params)
+    assert forward_launches == [(2, 5)] * 3
+    torch.testing.assert_close(got, torch.stack([ref(x)[0] for _, ref in pairs]), rtol=1e-10, atol=1e-12)
 
 
 def test_vmap_over_the_backward_runs_the_kernels_forward(interpret):
