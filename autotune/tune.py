@@ -3,9 +3,10 @@
 Per layer (space.Layer): the pruned, statically ranked space (space.py), compiled for the
 device's target in parallel processes; the best `max_candidates` of it are run once each (the
 warm-up that compiles them on the device) and checked against torch.nn on the same weights and
-input (a wrong answer drops the config); then every candidate and torch.nn are timed in turn,
-`repeats` rounds, with L2 flushed before each timed call so no candidate gains from a warm cache;
-the TOP fastest medians are timed again, and their medians decide. A config already in the table
+input (a wrong answer or a barrier timeout drops the config; so does a timeout while timed); then
+every candidate and torch.nn are timed in turn, `repeats` rounds, with L2 flushed before each
+timed call so no candidate gains from a warm cache; the TOP fastest medians are timed again, and
+their medians decide. A config already in the table
 stays unless the new winner beats it by more than MARGIN. Where torch.nn is faster than the best
 config, the decision is "torch": the planner then runs PyTorch's native RNN (cuDNN) for the layer.
 
@@ -132,10 +133,14 @@ def tune_layer(layer, device, *, seq=256, repeats=10, max_candidates=8, workers=
     if not candidates:
         return dict(entry, choice=TORCH, config=None, ms=None, torch_ms=None,
                     why="no config of the space runs this layer on this device")
-    first = _timed(bench, candidates, backend, repeats)
-    top = sorted(candidates, key=lambda c: _median(first[c]))[:TOP]
-    confirm = _timed(bench, top, backend, repeats)
-    times = {c: _median(confirm[c]) for c in top}
+    first = _timed(bench, candidates, backend, repeats, rejected)
+    top = sorted((c for c in first if c != TORCH), key=lambda c: _median(first[c]))[:TOP]
+    confirm = _timed(bench, top, backend, repeats, rejected)
+    times = {c: _median(confirm[c]) for c in confirm if c != TORCH}
+    entry["rejected"] = [[dataclasses.asdict(c), why] for c, why in rejected]
+    if not times:
+        return dict(entry, choice=TORCH, config=None, ms=None, torch_ms=None,
+                    why="every config that ran timed out at a barrier while timed")
     torch_ms = _median(first[TORCH] + confirm[TORCH])
     previous_entry, _, _ = cache.lookup(cache.device_key(device, sms), key_of(layer))
     previous = (KernelConfig(**previous_entry["config"]) if previous_entry and previous_entry.get("config")
@@ -146,13 +151,24 @@ def tune_layer(layer, device, *, seq=256, repeats=10, max_candidates=8, workers=
                 ranking=[[dataclasses.asdict(c), round(times[c], 4)] for c in sorted(times, key=times.get)])
 
 
-def _timed(bench, configs, backend, repeats):
-    """{config or TORCH: [ms, ...]}: every config and torch.nn in turn, the order rotated per round."""
+def _timed(bench, configs, backend, repeats, rejected):
+    """{config or TORCH: [ms, ...]}: every config and torch.nn in turn, the order rotated per round.
+    A config whose barrier times out while timed is dropped and added to `rejected` (its launches do
+    not wait to tell: the count is read after each of its calls)."""
+    from ..kernels.skeleton import BarrierTimeout, raise_if_failed
     order = list(configs) + [TORCH]
     times = {c: [] for c in order}
     for r in range(repeats):
         for c in order[r % len(order):] + order[:r % len(order)]:
-            times[c].append(bench.time_ms(None if c == TORCH else c, backend))
+            if c not in times:
+                continue
+            try:
+                times[c].append(bench.time_ms(None if c == TORCH else c, backend))
+                if c != TORCH:
+                    raise_if_failed(bench.device)
+            except BarrierTimeout as exc:
+                rejected.append((c, f"BarrierTimeout while timed: {exc}"))
+                del times[c]
     return times
 
 

@@ -1,6 +1,7 @@
 """The autotuner without a GPU: config space and pruning, keys, the per-device cache (round trip,
 corrupted, stale and concurrent files), the whole flow through the interpreter, and the planner's
 lookup order (pin > tuned table > shipped table > static tables)."""
+import dataclasses
 import json
 import os
 
@@ -283,6 +284,27 @@ def test_a_candidate_with_wrong_results_is_rejected(monkeypatch):
                             max_candidates=4)
     assert entry["rejected"] and all(c["num_warps"] == 8 and "relative error" in why for c, why in entry["rejected"])
     assert entry["config"]["num_warps"] == 4
+
+
+def test_a_candidate_that_times_out_while_timed_is_rejected(monkeypatch):
+    """A barrier timeout in the timing rounds (after a clean warm-up) drops that config, not the run."""
+    from persistrnn.kernels.skeleton import BarrierTimeout
+    real = tune._Bench.time_ms
+    calls = []
+
+    def times_out_for_one(self, config, backend):
+        if config is not None and (not calls or config == calls[0]):  # the first config timed
+            calls.append(config)
+            if len(calls) == 2:
+                raise BarrierTimeout("1 program timed out (simulated)")
+        return real(self, config, backend)
+    monkeypatch.setattr(tune._Bench, "time_ms", times_out_for_one)
+    entry = tune.tune_layer(Layer("lstm", torch.float32, "forward", 32, batch=2), INTERPRETER, seq=3, repeats=3,
+                            max_candidates=4)
+    dropped = dataclasses.asdict(calls[0])
+    assert len(calls) == 2 and entry["choice"] == "kernel" and entry["config"] != dropped
+    assert entry["rejected"] == [[dropped, "BarrierTimeout while timed: 1 program timed out (simulated)"]]
+    assert dropped not in [c for c, _ in entry["ranking"]] and len(entry["ranking"]) == 3
 
 
 def test_static_ranking_from_the_cli(capsys):
