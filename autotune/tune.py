@@ -103,11 +103,11 @@ def tune_layer(layer, device, *, seq=256, repeats=10, max_candidates=8, workers=
     entry (also for the summary): choice, config, ms, torch_ms, and how it was obtained."""
     from ..layers.check import tolerance
     from ..kernels.skeleton import raise_if_failed
-    from ..layers.dispatch import target_of
+    from ..layers.dispatch import device_sms, target_of
     interpret = device.type != "cuda"
     backend = "interpret" if interpret else "triton"
     target = target_of(device) or "sm_90"
-    sms = _sms(device)
+    sms = device_sms(device)
     ranked, dropped = static_rank(layer, target, sms, workers)
     bench = _Bench(layer, device, seq)
     reference = bench.run(None, backend)
@@ -180,7 +180,8 @@ def key_of(layer):
 def tune(layers, device, *, seq=256, repeats=10, max_candidates=8, workers=None, progress=None):
     """Tune every layer and write each entry to the device's table as soon as it is measured (a
     run cut off keeps what it finished). Returns (entries {layer key: entry}, table path)."""
-    key = cache.device_key(device, _sms(device))
+    from ..layers.dispatch import device_sms
+    key = cache.device_key(device, device_sms(device))
     entries, path = {}, cache.table_path(key)
     for layer in layers:
         entry = tune_layer(layer, device, seq=seq, repeats=repeats, max_candidates=max_candidates, workers=workers)
@@ -188,11 +189,6 @@ def tune(layers, device, *, seq=256, repeats=10, max_candidates=8, workers=None,
         path = cache.write_entries(key, {key_of(layer): entry})
         progress and progress()
     return entries, path
-
-
-def _sms(device):
-    from ..layers.dispatch import device_sms
-    return device_sms(device)
 
 
 def static_report(layers, target, *, workers=None, top=3, progress=None):

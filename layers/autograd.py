@@ -30,6 +30,7 @@ import json
 from typing import List, Optional, Tuple
 
 import torch
+import torch._dynamo
 from torch import Tensor
 
 from ..kernels.backward import rnn_backward
@@ -69,8 +70,14 @@ def describe_layer(cell, num_directions, hidden_size, proj_size, has_bias, batch
                             allow_tf32=cudnn_rnn_allows_tf32(), waves=waves))
 
 
-@functools.lru_cache(maxsize=None)
+# under torch.compile (the reference path, functional.rnn) a constant of the graph
+@torch._dynamo.assume_constant_result
 def layer_from_spec(spec):
+    return _parse_spec(spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_spec(spec):
     fields = json.loads(spec)
     if fields["config"] is not None:
         fields["config"] = KernelConfig(**fields["config"])
@@ -158,8 +165,10 @@ def _(info, in_dims, x, lengths, h0, c0, weights, spec, save):
     x = _mapped_first(x, x_dim, V)  # (V, T, B, I), or (V, B, T, I) batch-first
     B = x.shape[1 if bf else 2]
     x = x.reshape(V * B, *x.shape[2:]) if bf else x.transpose(0, 1).reshape(x.shape[1], V * B, x.shape[3])
-    states = [None if s is None else _mapped_first(s, dim, V).transpose(0, 1).reshape(D, V * B, s.shape[-1])
-              for s, dim in ((h0, h0_dim), (c0, c0_dim))]  # (V, D, B, R) -> (D, V*B, R)
+    # (V, D, B, R) -> (D, V*B, R), contiguous as the kernels read it (reshape may give a view at B = 1)
+    states = [None if s is None else
+              _mapped_first(s, dim, V).transpose(0, 1).reshape(D, V * B, s.shape[-1]).contiguous()
+              for s, dim in ((h0, h0_dim), (c0, c0_dim))]
     folded = dataclasses.replace(layer, waves=launch_waves(layer.config, V * B, layer.hidden_size, D,
                                                            device_sms(x.device)))
     y, hn, cn, saved = layer_forward_op(x, lengths.repeat(V), *states, weights, layer_spec(folded), save)
@@ -249,7 +258,8 @@ def layer_backward_op(dy: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], x: Tenso
 
 @layer_backward_op.register_fake
 def _(dy, dh_n, dc_n, x, lengths, h0, c0, y, saved, weights, spec, needs):
-    return [torch.empty_like(t) if need else x.new_empty(0) for t, need in zip((x, h0, c0, *weights), needs)]
+    # contiguous, as layer_backward allocates them (not empty_like: x may be a transposed view)
+    return [t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip((x, h0, c0, *weights), needs)]
 
 
 def layer_backward(layer, x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n, dc_n):
@@ -266,8 +276,8 @@ def layer_backward(layer, x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n
         dy = dy.contiguous()
     dgates = x.new_empty(*x.shape[:2], D * G * H)
     dh_all = torch.empty_like(y) if layer.has_proj else None
-    dh0 = torch.empty_like(h0)
-    dc0 = torch.empty_like(c0) if cell == "lstm" else None
+    dh0 = h0.new_empty(h0.shape)
+    dc0 = c0.new_empty(c0.shape) if cell == "lstm" else None
     if dgates.shape[0] * dgates.shape[1] > 0:
         bf = layer.batch_first
         rnn_backward(cell, time_major(dy, bf), dh_n, dc_n, time_major(saved, bf), time_major(y, bf), h0, c0,

@@ -201,15 +201,25 @@ def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sm
 
 def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_directions,
          grad_needed) -> Dispatch:
-    name = current_backend()
-    if name == "torch":
-        return Dispatch("torch", "backend 'torch' selected")
     transforms = torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
     if transforms and not only_vmap_active():
         # the kernels read raw memory, which grad's wrapped tensors do not expose, and drop
-        # forward-mode tangents; torch's own RNN has no batching rule: torch's ops step by step
+        # forward-mode tangents: torch's ops step by step, which every transform differentiates
         return Dispatch("reference", "a torch.func transform (grad, jacrev, vjp, ...) or forward-mode AD is "
                                      "active: the layer as torch's differentiable ops, step by step")
+    dispatch = _plan_kernels(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_directions,
+                             grad_needed)
+    if transforms and dispatch.path == "torch":  # under vmap: the kernels' op has a batching rule, torch's RNN none
+        return Dispatch("reference", f"{dispatch.reason}; under vmap, where torch.nn's RNN has no batching rule: "
+                                     "the layer as torch's differentiable ops, step by step")
+    return dispatch
+
+
+def _plan_kernels(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_directions,
+                  grad_needed) -> Dispatch:
+    name = current_backend()
+    if name == "torch":
+        return Dispatch("torch", "backend 'torch' selected")
     if name == "auto":
         if device.type != "cuda":
             return Dispatch("torch", f"backend 'auto' runs PyTorch's native RNN for {device.type} tensors")

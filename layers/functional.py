@@ -2,9 +2,10 @@
 
 Mirrors `torch._VF.lstm / gru`: takes the (already validated) input, state and torch.nn's flat
 weight list, and returns (output, h_n[, c_n]). Per layer: one GEMM for the input projection of
-every step and both directions, then one kernel launch for the whole time loop. Each layer runs as
-the custom op `persistrnn::layer_forward` (autograd.py): when autograd needs gradients it saves for
-the backward kernel; otherwise it saves nothing.
+every step and both directions, then one kernel launch for the whole time loop. Each layer runs
+through autograd.run_layer (an autograd.Function in eager mode, the custom op
+`persistrnn::layer_forward` under torch.compile and vmap): when autograd needs gradients it saves
+for the backward kernel; otherwise it saves nothing.
 """
 import torch
 import torch.nn.functional as F

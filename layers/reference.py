@@ -4,8 +4,8 @@ gradients the kernels cannot give.
 The persistent backward kernel computes first-order gradients only. When autograd asks for more
 (a backward with create_graph=True: gradient penalties, Hessian-vector products, gradgradcheck) or
 hands the backward batched gradients (torch.func.vmap over it, gradcheck's batched-gradient check),
-`autograd.PersistentLayer` recomputes its layer here from the saved inputs and differentiates that
-instead. The equations are torch.nn's (docs of nn.LSTM and nn.GRU), with per-row lengths: a row's
+the layer's backward (autograd.py) recomputes its layer here from the saved inputs and
+differentiates that instead. The equations are torch.nn's (docs of nn.LSTM and nn.GRU), with per-row lengths: a row's
 steps past its length leave its state alone and output zeros, as a packed sequence does.
 """
 import torch
@@ -31,8 +31,8 @@ def _gru_step(x_t, h, w_ih, w_hh, b_ih, b_hh):
 
 
 def layer_reference(layer, x, lengths, h0, c0, weights):
-    """(y, h_n, c_n) of one layer as autograd.PersistentLayer's forward returns them (c_n None for
-    the GRU), from torch's ops. weights: torch.nn's flat list for this layer."""
+    """(y, h_n, c_n) of one layer as autograd.run_layer returns them (c_n None for the GRU), from
+    torch's ops. weights: torch.nn's flat list for this layer."""
     x_tb = time_major(x, layer.batch_first)
     T = x_tb.shape[0]
     per_dir = 2 + 2 * layer.has_bias + layer.has_proj

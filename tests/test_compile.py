@@ -72,17 +72,27 @@ def test_fullgraph_gives_eagers_bits_without_recompiles(interpret, cell, kwargs)
 
 def test_fullgraph_with_inductor_matches_eager(interpret):
     """The default backend: Inductor compiles the ops around the layer (its fusions round
-    differently), the layer's custom ops run the kernels."""
-    model = Model("lstm", num_layers=2)
+    differently), the layer's custom ops run the kernels. The input reaches the layer as a
+    transposed view: the backward op's fake gradients must have the real ones' strides."""
+    model = Model("lstm")
+
+    def loss(x):  # x batch-first, the layer time-major
+        y, (h_n, _) = model.rnn(x.transpose(0, 1))
+        return model.head(torch.tanh(y)).square().mean() + h_n.square().mean()
+
     counter = CompileCounterWithBackend("inductor")
-    compiled = torch.compile(model, fullgraph=True, backend=counter)
-    for _ in range(2):
-        x, hx = _inputs(model, 6)
-        loss, grads = _loss_and_grads(model, compiled, x, hx)
-        want, want_grads = _loss_and_grads(model, model, x, hx)
-        torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
-        for a, b in zip(grads, want_grads):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    compiled = torch.compile(loss, fullgraph=True, backend=counter)
+    # Inductor's caches do not key on a custom op's fake implementation: compile afresh
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for _ in range(2):
+            x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+            got = compiled(x)
+            grads = torch.autograd.grad(got, [x, *model.parameters()])
+            want = loss(x)
+            want_grads = torch.autograd.grad(want, [x, *model.parameters()])
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+            for a, b in zip(grads, want_grads):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert counter.frame_count == 1 and model.rnn.last_dispatch.path == "interpret"
 
 
@@ -98,6 +108,17 @@ def test_fullgraph_inference_and_autocast(interpret, cell):
         got, want = compiled(x)[0], model(x)[0]
     assert got.dtype == want.dtype and torch.equal(got, want)
     assert model.last_dispatch.path == "interpret" and "autocast" in model.last_dispatch.reason
+
+
+def test_fullgraph_of_a_torch_func_transform_traces_the_reference(interpret):
+    """Inside torch.func.grad the layer runs as torch's ops step by step (layers/reference.py); that
+    path traces too."""
+    model = Model("gru").rnn
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    loss = lambda m: lambda x: m(x)[0].square().sum()  # noqa: E731
+    got = torch.compile(torch.func.grad(loss(model)), fullgraph=True, backend="aot_eager")(x)
+    assert model.last_dispatch.path == "reference"
+    torch.testing.assert_close(got, torch.func.grad(loss(model))(x), rtol=1e-12, atol=1e-14)
 
 
 def test_packed_input_compiles_with_a_graph_break(interpret):
@@ -148,6 +169,7 @@ def test_the_custom_ops_pass_opcheck(interpret, cell):
     with torch.no_grad():
         y, hn, cn, saved = autograd_mod.layer_forward_op(x, lengths, h0, c0, weights, spec, True)
     detached = [t.detach() if t is not None else None for t in (x, h0, c0)]
+    detached[0] = detached[0].transpose(0, 1).contiguous().transpose(0, 1)  # a strided x: the fake's strides
     grads_in = (torch.randn_like(y), torch.randn_like(hn), torch.randn_like(cn) if cell == "lstm" else None)
     for needs in ([True] * (3 + len(weights)), [False, True, cell == "lstm"] + [False] * len(weights)):
         needs[2] = needs[2] and cell == "lstm"

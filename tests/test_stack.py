@@ -257,6 +257,22 @@ def test_vmap_folds_the_mapped_dimension_into_the_kernels_batch(interpret, forwa
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12)
 
 
+def test_vmap_over_unbatched_sequences_and_over_a_torch_plan(forward_launches):
+    """A per-sample batch of one without h0 (the folded states are expanded zeros: the kernels get them
+    contiguous); where the planner picks torch.nn (here: auto on CPU), vmap runs the reference."""
+    V, T = 4, 5
+    ours, ref = make_pair("lstm", 3, 4, torch.float64, bidirectional=True)
+    xs = torch.randn(V, T, 3, dtype=torch.float64)  # unbatched sequences
+    want = torch.stack([ref(x)[0] for x in xs])
+    with persistrnn.backend("interpret"):
+        got = vmap(lambda x: ours(x)[0])(xs)
+    assert ours.last_dispatch.path == "interpret" and forward_launches == [(V, T)]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    got = vmap(lambda x: ours(x)[0])(xs)
+    assert ours.last_dispatch.path == "reference" and "no batching rule" in ours.last_dispatch.reason
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_vmap_over_stacked_weights_runs_a_launch_per_model(interpret, forward_launches):
     """An ensemble (torch.func.stack_module_state): each mapped slice has its own weights, so each is
     its own launch."""
