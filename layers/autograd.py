@@ -141,10 +141,10 @@ def _(x, lengths, h0, c0, weights, spec, save):
     layer = layer_from_spec(spec)
     D, H = layer.num_directions, layer.hidden_size
     y = x.new_empty(*x.shape[:2], D * layer.real_hidden_size)
-    cn = torch.empty_like(c0) if layer.cell == "lstm" else h0.new_empty(0)
+    cn = c0.new_empty(c0.shape) if layer.cell == "lstm" else h0.new_empty(0)
     saved = (x.new_empty(*x.shape[:2], D, SAVED[layer.cell], H, dtype=state_dtype(x.dtype)) if save
              else x.new_empty(0))
-    return y, torch.empty_like(h0), cn, saved
+    return y, h0.new_empty(h0.shape), cn, saved  # contiguous, as layer_forward allocates them
 
 
 @layer_forward_op.register_vmap
@@ -165,9 +165,8 @@ def _(info, in_dims, x, lengths, h0, c0, weights, spec, save):
     x = _mapped_first(x, x_dim, V)  # (V, T, B, I), or (V, B, T, I) batch-first
     B = x.shape[1 if bf else 2]
     x = x.reshape(V * B, *x.shape[2:]) if bf else x.transpose(0, 1).reshape(x.shape[1], V * B, x.shape[3])
-    # (V, D, B, R) -> (D, V*B, R), contiguous as the kernels read it (reshape may give a view at B = 1)
-    states = [None if s is None else
-              _mapped_first(s, dim, V).transpose(0, 1).reshape(D, V * B, s.shape[-1]).contiguous()
+    # (V, D, B, R) -> (D, V*B, R): at B = 1 a view (of expanded zeros where unmapped), not a copy
+    states = [None if s is None else _mapped_first(s, dim, V).transpose(0, 1).reshape(D, V * B, s.shape[-1])
               for s, dim in ((h0, h0_dim), (c0, c0_dim))]
     folded = dataclasses.replace(layer, waves=launch_waves(layer.config, V * B, layer.hidden_size, D,
                                                            device_sms(x.device)))
@@ -268,6 +267,7 @@ def layer_backward(layer, x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n
     cell, D, H, R = layer.cell, layer.num_directions, layer.hidden_size, layer.real_hidden_size
     G = 4 if cell == "lstm" else 3
     w_ih, _, w_hh, _, w_hr = layer_weights(cell, weights, D, layer.has_bias, layer.has_proj, H)
+    h0, c0 = h0.contiguous(), (None if c0 is None else c0.contiguous())  # the kernels read them densely
     # autograd materializes the gradients of unused outputs as zeros
     dh_n = dh_n.contiguous()
     if cell == "lstm":

@@ -60,8 +60,9 @@ def time_major(t, batch_first):
 
 def layer_forward(layer, x, h0, c0, lengths, weights, *, save):
     """One layer, all directions. x: (T, B, I), or (B, T, I) with layer.batch_first; h0 (D, B, R)
-    and c0 (D, B, H) contiguous. Returns (y, h_n, c_n, saved); saved is None unless `save`."""
+    and c0 (D, B, H). Returns (y, h_n, c_n, saved); saved is None unless `save`."""
     cell, D, H, R = layer.cell, layer.num_directions, layer.hidden_size, layer.real_hidden_size
+    h0, c0 = h0.contiguous(), (None if c0 is None else c0.contiguous())  # the kernels read them densely
     w_ih, bias_x, w_hh, b_hn, w_hr = layer_weights(cell, weights, D, layer.has_bias, layer.has_proj, H)
     xproj = F.linear(x, w_ih, bias_x)
     y = x.new_empty(*x.shape[:2], D * R)

@@ -258,16 +258,21 @@ def test_vmap_folds_the_mapped_dimension_into_the_kernels_batch(interpret, forwa
 
 
 def test_vmap_over_unbatched_sequences_and_over_a_torch_plan(forward_launches):
-    """A per-sample batch of one without h0 (the folded states are expanded zeros: the kernels get them
-    contiguous); where the planner picks torch.nn (here: auto on CPU), vmap runs the reference."""
+    """A per-sample batch of one, without h0 and with mapped states (folded, the states are views
+    that are not contiguous: the kernels get them contiguous); where the planner picks torch.nn
+    (here: auto on CPU), vmap runs the reference."""
     V, T = 4, 5
     ours, ref = make_pair("lstm", 3, 4, torch.float64, bidirectional=True)
     xs = torch.randn(V, T, 3, dtype=torch.float64)  # unbatched sequences
     want = torch.stack([ref(x)[0] for x in xs])
+    h0, c0 = torch.randn(2, V, 2, 4, dtype=torch.float64)
+    want_mapped = torch.stack([ref(x, (h0[v], c0[v]))[1][1] for v, x in enumerate(xs)])
     with persistrnn.backend("interpret"):
         got = vmap(lambda x: ours(x)[0])(xs)
-    assert ours.last_dispatch.path == "interpret" and forward_launches == [(V, T)]
+        got_mapped = vmap(lambda x, h, c: ours(x, (h, c))[1][1])(xs, h0, c0)
+    assert ours.last_dispatch.path == "interpret" and forward_launches == [(V, T)] * 2
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_mapped, want_mapped, rtol=1e-10, atol=1e-12)
     got = vmap(lambda x: ours(x)[0])(xs)
     assert ours.last_dispatch.path == "reference" and "no batching rule" in ours.last_dispatch.reason
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
