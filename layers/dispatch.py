@@ -157,9 +157,22 @@ def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sm
     "forward" (inference) or "train" (one config for the saving forward and the backward).
     One program per batch tile when it holds the layer (no barrier); otherwise the split config
     with the fewest launches (launch_waves: one when the whole grid can be resident at once), then
-    the least MMA work per program (BLOCK_H x BLOCK_B rows), then fewer programs. A pinned config (pin_config) overrides the choice field by
-    field, and raises if it cannot run."""
-    pinned = _pinned.get() or {}
+    the least MMA work per program (BLOCK_H x BLOCK_B rows), then fewer programs. A pinned config
+    (pin_config) overrides the choice field by field, and raises if it cannot run."""
+    pinned = tuple(sorted((_pinned.get() or {}).items()))
+    args = (cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target, pass_)
+    if tables is None:  # the static tables never change in a process: every layer call asks again
+        return _static_kernel_config(*args, pinned)
+    return _kernel_config(*args, pinned, tables)
+
+
+@functools.lru_cache(maxsize=4096)
+def _static_kernel_config(*args):
+    return _kernel_config(*args, None)
+
+
+def _kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target, pass_, pinned, tables):
+    pinned = dict(pinned)
     single = single_program_config(cell, dtype, hidden_size, target, pass_, tables)
     split = split_program_configs(cell, dtype, hidden_size, proj_size, target, pass_, tables)
     size = lambda c: programs(c, batch, hidden_size, num_directions)  # noqa: E731

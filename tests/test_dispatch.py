@@ -140,3 +140,17 @@ def test_gpus_with_less_shared_memory_than_the_tables_run_torch(monkeypatch):
     props.shared_memory_per_block_optin = 227 * 1024
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert dispatch.target_of(cuda) == "sm_90"
+
+
+def test_the_remembered_static_choice_follows_the_pins(interpret):
+    """kernel_config remembers its answers from the static tables per call arguments and pins: a pin
+    set after an unpinned call applies, and leaving it restores the table's choice."""
+    from persistrnn.layers.dispatch import DEFAULT_SMS, kernel_config
+    args = ("gru", torch.float32, 64, 0, 4, 1, DEFAULT_SMS)
+    table_choice, _ = kernel_config(*args)
+    other_warps = 8 if table_choice.num_warps != 8 else 4
+    with persistrnn.pin_config(num_warps=other_warps):
+        pinned, _ = kernel_config(*args)
+        with pytest.raises(ValueError, match="pin_config"), persistrnn.pin_config(block_h=8):
+            kernel_config("gru", torch.float64, 64, 0, 4, 1, DEFAULT_SMS)  # float64 has no split tier
+    assert pinned.num_warps == other_warps and kernel_config(*args)[0] == table_choice
