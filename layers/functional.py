@@ -29,12 +29,17 @@ def cudnn_rnn_allows_tf32():
         return False
 
 
-def layer_weights(cell, weights, num_directions, has_bias, has_proj, hidden_size):
-    """Stack one layer's per-direction weights (torch.nn's flat order: w_ih, w_hh[, b_ih, b_hh]
-    [, w_hr] per direction) into the kernel's layout: (w_ih, bias_x, w_hh, b_hn, w_hr); b_hn is
-    None for the LSTM, w_hr None without proj_size."""
+def direction_weights(weights, num_directions, has_bias, has_proj):
+    """One layer's flat weights (torch.nn's order: w_ih, w_hh[, b_ih, b_hh][, w_hr] per direction),
+    one list per direction."""
     per_dir = 2 + 2 * has_bias + has_proj
-    dirs = [weights[d * per_dir:(d + 1) * per_dir] for d in range(num_directions)]
+    return [weights[d * per_dir:(d + 1) * per_dir] for d in range(num_directions)]
+
+
+def layer_weights(cell, weights, num_directions, has_bias, has_proj, hidden_size):
+    """Stack one layer's per-direction weights (direction_weights) into the kernel's layout:
+    (w_ih, bias_x, w_hh, b_hn, w_hr); b_hn is None for the LSTM, w_hr None without proj_size."""
+    dirs = direction_weights(weights, num_directions, has_bias, has_proj)
     H = hidden_size
     w_ih = torch.cat([w[0] for w in dirs])
     w_hh = torch.stack([w[1] for w in dirs]).contiguous()
@@ -108,8 +113,8 @@ def rnn(cell, input, batch_sizes, hx, flat_weights, *, has_bias, num_layers, dro
     h_n, c_n = [], []
     for index in range(num_layers):
         weights = flat_weights[index * per_layer:(index + 1) * per_layer]
-        h0 = h0_all[index * D:(index + 1) * D].contiguous()
-        c0 = c0_all[index * D:(index + 1) * D].contiguous() if is_lstm else None
+        h0 = h0_all[index * D:(index + 1) * D]
+        c0 = c0_all[index * D:(index + 1) * D] if is_lstm else None
         if reference:
             y, hn, cn = layer_reference(layer_from_spec(spec), layer_input, lengths, h0, c0, weights)
         else:

@@ -5,13 +5,14 @@ The persistent backward kernel computes first-order gradients only. When autogra
 (a backward with create_graph=True: gradient penalties, Hessian-vector products, gradgradcheck) or
 hands the backward batched gradients (torch.func.vmap over it, gradcheck's batched-gradient check),
 the layer's backward (autograd.py) recomputes its layer here from the saved inputs and
-differentiates that instead. The equations are torch.nn's (docs of nn.LSTM and nn.GRU), with per-row lengths: a row's
-steps past its length leave its state alone and output zeros, as a packed sequence does.
+differentiates that instead. The equations are torch.nn's (docs of nn.LSTM and nn.GRU), with
+per-row lengths: a row's steps past its length leave its state alone and output zeros, as a
+packed sequence does.
 """
 import torch
 import torch.nn.functional as F
 
-from .functional import time_major
+from .functional import direction_weights, time_major
 
 
 def _lstm_step(x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr):
@@ -35,10 +36,8 @@ def layer_reference(layer, x, lengths, h0, c0, weights):
     torch's ops. weights: torch.nn's flat list for this layer."""
     x_tb = time_major(x, layer.batch_first)
     T = x_tb.shape[0]
-    per_dir = 2 + 2 * layer.has_bias + layer.has_proj
     ys, h_n, c_n = [], [], []
-    for d in range(layer.num_directions):
-        w = weights[d * per_dir:(d + 1) * per_dir]
+    for d, w in enumerate(direction_weights(weights, layer.num_directions, layer.has_bias, layer.has_proj)):
         w_ih, w_hh = w[0], w[1]
         b_ih, b_hh = (w[2], w[3]) if layer.has_bias else (None, None)
         w_hr = w[-1] if layer.has_proj else None
