@@ -34,14 +34,23 @@ from .skeleton import (MAX_SPIN, _arrive, _batch_tile, _chunked_dot, _gate_rows,
 
 
 @triton.jit
+def _in_sequence(step, length):
+    """Per batch row, whether reverse step `step` is one of the row's steps, 0 <= step < length. The
+    prefetch after the last step asks for step -1, which is none: nothing is read for it. One
+    unsigned comparison (-1 is the largest uint32): two cost the tightest programs a spill."""
+    return step.to(tl.uint32, bitcast=True) < length.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _load_step(dy_ptr, saved_ptr, y_ptr, first, step, length, direction, offs_b, mask_b, units, unit_mask, H, R,
                stride_dyt, stride_dyb, stride_st, stride_sb, stride_yt, stride_yb,
                CELL: tl.constexpr, HAS_PROJ: tl.constexpr, CHUNKS: tl.constexpr, STATE_DTYPE: tl.constexpr):
     """What reverse step `step` reads: dy_t (my units; with proj_size all of R, as
     K-chunks [width, BLOCK_B]), the saved activations of t, and the state before t: c_{t-1} (LSTM,
-    saved) or h_{t-1} (GRU, from y), `first` (c0 / h0) at the row's first step. Zero past the length."""
+    saved) or h_{t-1} (GRU, from y), `first` (c0 / h0) at the row's first step. Zero outside the
+    row's steps (_in_sequence)."""
     S: tl.constexpr = 5 if CELL == LSTM else 4
-    active = mask_b & (step < length)
+    active = mask_b & _in_sequence(step, length)
     t = _time_index(step, length, direction)
     t_prev = tl.where(direction == 1, t + 1, t - 1)
     b64 = offs_b.to(tl.int64)
@@ -75,7 +84,7 @@ def _rnn_backward_kernel(
     DIR0: tl.constexpr, CELL: tl.constexpr, HAS_PROJ: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, H_GROUP: tl.constexpr,
     W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, FAST: tl.constexpr, INTERPRET: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, MATH: tl.constexpr, EMULATE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     G: tl.constexpr = 4 if CELL == LSTM else 3
     pid_b, pid_h, pid_d, direction, offs_u, mask_u = _program(H, DIR0, BLOCK_H)
@@ -144,7 +153,7 @@ def _rnn_backward_kernel(
         dgates = dgates_ptr + out_t * stride_gt + b64 * stride_gb + direction * (G * H) + units
         if CELL == LSTM:
             d_i, d_f, d_g, d_o, dc_prev = lstm_cell_backward(d_cell, dc, acts[0], acts[1], acts[2], acts[3], acts[4],
-                                                             prev, FAST)
+                                                             prev, MATH, EMULATE)
             d_i = tl.where(keep, d_i, 0.0)
             d_f = tl.where(keep, d_f, 0.0)
             d_g = tl.where(keep, d_g, 0.0)
@@ -192,7 +201,6 @@ def _rnn_backward_kernel(
         if SPLIT > 1:
             _arrive(counter)
         # the next reverse step's inputs, loaded before the wait: off the step's critical path
-        # (after the last iteration this is step -1: row t = -1, or length in reverse, is read and unused)
         dy, acts, prev = _load_step(dy_ptr, saved_ptr, y_ptr, first, T - 1 - _next(it), length,
                                     direction, offs_b, mask_b, units, unit_mask, H, R, stride_dyt, stride_dyb,
                                     stride_st, stride_sb, stride_yt, stride_yb, CELL, HAS_PROJ, CHUNKS, STATE_DTYPE)
