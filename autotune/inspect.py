@@ -24,7 +24,6 @@ SHARED_STORES = ("STS", "STSM")
 GLOBAL_LOADS = ("LDG",)
 GLOBAL_STORES = ("STG",)
 ATOMICS = ("ATOM", "ATOMG", "ATOMS", "RED", "REDG")
-TRANSCENDENTALS = {"lstm": {"forward": 5, "backward": 1}, "gru": {"forward": 3, "backward": 0}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +142,12 @@ def inspect_layer(cell, dtype, hidden_size, batch, bidirectional=False, proj_siz
     D = 2 if bidirectional else 1
     shape = (hidden_size, R, batch, D)
     kernels = {"forward": "forward"} if pass_ == "forward" else {"forward": "forward_save", "backward": "backward"}
-    from ..kernels.skeleton import kernel_constexprs
+    from ..kernels.cells import mufu_per_element
+    from ..kernels.skeleton import kernel_constexprs, math_mode
     from ..layers.dispatch import launch_waves
     from ..layers.functional import cudnn_rnn_allows_tf32
     allow_tf32 = dtype == torch.float32 and cudnn_rnn_allows_tf32()  # as the layer decides
+    math, _ = math_mode(dtype, interpret=False, allow_tf32=allow_tf32)
     report = {"layer": dict(cell=cell, dtype=str(dtype).replace("torch.", ""), hidden_size=hidden_size, batch=batch,
                             bidirectional=bidirectional, proj_size=proj_size, pass_=pass_, target=target),
               "config": dict(dataclasses.asdict(config), split=split, grid=[-(-batch // config.block_b), split, D],
@@ -171,7 +172,8 @@ def inspect_layer(cell, dtype, hidden_size, batch, bidirectional=False, proj_siz
                  "time_loop": mix,
                  "cell_elements_per_thread": elements,
                  "mufu_per_cell_element": round(mix["mufu"] / elements, 2) if mix and elements else None,
-                 "transcendentals_per_cell_element": TRANSCENDENTALS[cell][name]}
+                 "math": ["exact", "accurate", "approx"][math.value],
+                 "mufu_the_math_takes": mufu_per_element(cell, name, math)}
         report["kernels"][name] = entry
     return report
 
@@ -200,8 +202,8 @@ def format_report(report):
             f"    global memory: {mix['global_loads']['instructions']} loads ({mix['global_loads']['bytes_per_warp']} B),"
             f" {mix['global_stores']['instructions']} stores ({mix['global_stores']['bytes_per_warp']} B),"
             f" {mix['async_copies']} async copies",
-            f"    MUFU {mix['mufu']} ({k['mufu_per_cell_element']} per cell element; the cell needs "
-            f"{k['transcendentals_per_cell_element']}), BAR.SYNC {mix['bar_sync']}, SHFL {mix['shuffles']}, "
+            f"    MUFU {mix['mufu']} ({k['mufu_per_cell_element']} per cell element; the cell's {k['math']} math "
+            f"takes {k['mufu_the_math_takes']}), BAR.SYNC {mix['bar_sync']}, SHFL {mix['shuffles']}, "
             f"atomics {mix['atomics']}",
             "    inner loops (counted once): " + (", ".join(f"{loop['instructions']} instructions"
                                                        for loop in mix["inner_loops"]) or "none"),

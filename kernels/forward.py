@@ -75,7 +75,7 @@ def _rnn_forward_kernel(
     SAVE: tl.constexpr, DIR0: tl.constexpr, CELL: tl.constexpr, HAS_PROJ: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, H_GROUP: tl.constexpr,
     W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, FAST: tl.constexpr, INTERPRET: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, MATH: tl.constexpr, EMULATE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     G: tl.constexpr = 4 if CELL == LSTM else 3
     # with proj_size every program holds a partial of the full h_t: one xbuf slot per program
@@ -137,13 +137,14 @@ def _rnn_forward_kernel(
         # `step` past the length, so no output or saved row is left unwritten
         y_t = tl.where(step < length, _time_index(step, length, direction), step)[None, :]
         if CELL == LSTM:
-            h_cell, c_new, i, f, g, o = lstm_cell(g0 + x[0], g1 + x[1], g2 + x[2], g3 + x[3], c, FAST)
+            h_cell, c_new, i, f, g, o = lstm_cell(g0 + x[0], g1 + x[1], g2 + x[2], g3 + x[3], c, MATH,
+                                                  EMULATE)
             c = tl.where(active, c_new, c)
             if SAVE:
                 _save(saved_ptr, y_t, b64, units, mask_bh, active, direction, H, stride_st, stride_sb, i, f, g, o, c, 5)
         else:
             hh_n = g2 + b_hn
-            h_cell, r, z, n = gru_cell(g0 + x[0], g1 + x[1], x[2], hh_n, h, FAST)
+            h_cell, r, z, n = gru_cell(g0 + x[0], g1 + x[1], x[2], hh_n, h, MATH, EMULATE)
             if SAVE:
                 _save(saved_ptr, y_t, b64, units, mask_bh, active, direction, H, stride_st, stride_sb,
                       r, z, n, hh_n, hh_n, 4)

@@ -28,14 +28,17 @@ Compiled, the poll is a warp-uniform PTX loop (vote.sync), so that ptxas keeps t
 wgmma descriptors in uniform registers across it (a plain Triton while loop there costs two
 R2UR per wgmma and spills at 4 warps); the interpreter runs the same protocol in Triton.
 """
+import contextlib
+import contextvars
 import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
-from .cells import EMULATED, EXACT, GRU, HARDWARE, LSTM
+from .cells import ACCURATE, APPROX, EXACT, GRU, HIGH, LOW, LSTM, NONE
 from .interpreter import interpreted, interpreting
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
@@ -270,18 +273,38 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
              torch.float64: tl.float64}
 
 
-# the interpreter runs the approximate tanh as an emulation of its error (cells.py), for accuracy checks
-EMULATE_FAST_MATH = False
+# the interpreter's stand-in for the hardware's transcendentals (cells.py, EMULATE)
+_EMULATION = contextvars.ContextVar("persistrnn_emulated_math", default=NONE)
 
 
-def fast_math(dtype, *, interpret, allow_tf32):
-    """cells.FAST: the hardware's tanh.approx where the dtype's tolerance allows it (fp16, bf16,
-    fp32 with TF32), in compiled kernels; exact in the interpreter unless EMULATE_FAST_MATH."""
-    if not (dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and allow_tf32)):
-        return EXACT
-    if interpret:
-        return EMULATED if EMULATE_FAST_MATH else EXACT
-    return HARDWARE
+@contextlib.contextmanager
+def emulating_math(direction=LOW):
+    """Inside the block, interpreted kernels compute tanh and sigmoid as compiled ones would, with
+    each hardware instruction replaced by the exact value moved by its error bound (cells.py:
+    EMULATE, LOW toward zero or HIGH away from it), instead of exactly: accuracy checks on CPU."""
+    if direction not in (LOW, HIGH):
+        raise ValueError(f"emulating_math: direction must be cells.LOW or cells.HIGH, got {direction!r}")
+    token = _EMULATION.set(direction)
+    try:
+        yield
+    finally:
+        _EMULATION.reset(token)
+
+
+def math_mode(dtype, *, interpret, allow_tf32):
+    """(cells.MATH, cells.EMULATE) for a kernel in `dtype`: APPROX for bf16 and fp32 with TF32 (their
+    operands round to 8 and 10 bits), ACCURATE for fp16 (whose outputs round finer than tanh.approx's
+    error), EXACT otherwise; the interpreter runs EXACT unless emulating_math."""
+    if dtype == torch.bfloat16 or (dtype == torch.float32 and allow_tf32):
+        math = APPROX
+    elif dtype == torch.float16:
+        math = ACCURATE
+    else:
+        return EXACT, NONE
+    emulate = _EMULATION.get() if interpret else NONE
+    if interpret and emulate == NONE:
+        return EXACT, NONE
+    return math, emulate
 
 
 # the most of h the split tier reads back at once (see the module doc)
@@ -299,10 +322,11 @@ def kernel_constexprs(cell, dtype, has_proj, split, config, width, *, interpret,
     tensor_cores = dtype in (torch.float16, torch.bfloat16) or precision == "tf32"
     chunks = recurrent_chunks(split, has_proj, config.block_h, width, K_CHUNK if tensor_cores else FMA_K_CHUNK)
     chunk_bytes = max(chunks) * config.block_b * torch.finfo(dtype).bits // 8
+    math, emulate = math_mode(dtype, interpret=interpret, allow_tf32=allow_tf32)
     return dict(CELL=LSTM if cell == "lstm" else GRU, HAS_PROJ=has_proj, SPLIT=split, BLOCK_B=config.block_b,
-                BLOCK_H=config.block_h, CHUNKS=tuple(chunks), H_GROUP=max(1, H_GROUP_BYTES // chunk_bytes), W_DTYPE=w_dtype, MMA_DTYPE=mma_dtype, STATE_DTYPE=state,
-                INPUT_PRECISION=precision, FAST=fast_math(dtype, interpret=interpret, allow_tf32=allow_tf32),
-                INTERPRET=interpret)
+                BLOCK_H=config.block_h, CHUNKS=tuple(chunks), H_GROUP=max(1, H_GROUP_BYTES // chunk_bytes),
+                W_DTYPE=w_dtype, MMA_DTYPE=mma_dtype, STATE_DTYPE=state, INPUT_PRECISION=precision, MATH=math,
+                EMULATE=emulate, INTERPRET=interpret)
 
 
 def state_dtype(dtype):
@@ -442,12 +466,27 @@ def write_back(t, part, rows, wave):
         t[dir0:dir0 + dirs, rows] = part[dir0:dir0 + dirs]
 
 
-def launch(kernel, grid, args, constexprs, *, config, interpret, device, what, max_spin):
-    """Run `kernel` on `grid`, compiled or interpreted, with no host synchronization: an earlier
-    launch's barrier timeout is raised here (BarrierTimeout) once its timeout count has reached the host.
-    what: "forward" or "backward", the kernel (and its num_warps in `config`)."""
-    watch = _watch(device)
-    check_barriers(device)
+# ---- a cooperative launch the driver refuses ----
+# triton 3.6's launcher (backends/nvidia/driver.py: make_launcher's gpuAssert around cuLaunchKernelEx)
+# raises RuntimeError("Triton Error [CUDA]: " + cuGetErrorString(code)). A cooperative grid that
+# cannot be resident at once, because fewer SMs are usable than the device has (MPS limits, green
+# contexts, another process's kernels), fails with CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, whose
+# text is this; nothing runs.
+COOPERATIVE_LAUNCH_TOO_LARGE = "Triton Error [CUDA]: too many blocks in cooperative launch"
+
+
+class LaunchRefused(RuntimeError):
+    """The driver refused a split launch of `programs` programs on `device`: they cannot all be
+    resident at once there now. Nothing ran; the layers re-plan (layers/dispatch.py: refused)."""
+
+    def __init__(self, programs, device):
+        super().__init__(f"persistrnn: the driver refused a cooperative launch of {programs} programs on {device} "
+                         f"({COOPERATIVE_LAUNCH_TOO_LARGE}): fewer SMs are usable there than it has")
+        self.programs, self.device = programs, device
+
+
+def _start(kernel, grid, args, constexprs, *, config, interpret, device, what):
+    """Start `kernel` on `grid`: interpreted, or compiled (cooperative in the split tier)."""
     split = grid[1]
     if interpret:
         with interpreting():
@@ -457,6 +496,22 @@ def launch(kernel, grid, args, constexprs, *, config, interpret, device, what, m
         with torch.cuda.device(device):  # triton launches on the current device
             kernel[grid](*args, **constexprs, num_warps=config.warps(what), num_stages=config.num_stages,
                          launch_cooperative_grid=split > 1)
+
+
+def launch(kernel, grid, args, constexprs, *, config, interpret, device, what, max_spin):
+    """Run `kernel` on `grid`, compiled or interpreted, with no host synchronization: an earlier
+    launch's barrier timeout is raised here (BarrierTimeout) once its timeout count has reached the host.
+    what: "forward" or "backward", the kernel (and its num_warps in `config`). A split launch the
+    driver refuses for residency raises LaunchRefused; every other error propagates as it is."""
+    watch = _watch(device)
+    check_barriers(device)
+    split = grid[1]
+    try:
+        _start(kernel, grid, args, constexprs, config=config, interpret=interpret, device=device, what=what)
+    except RuntimeError as error:
+        if split > 1 and str(error) == COOPERATIVE_LAUNCH_TOO_LARGE:
+            raise LaunchRefused(grid[0] * grid[1] * grid[2], device) from error
+        raise
     if split > 1:
         _after_launch(watch, f"split {what} kernel (grid={grid}, first direction {constexprs['DIR0']}, {config}, "
                              f"K chunks={constexprs['CHUNKS']}, waits of at most {max_spin} polls)")

@@ -35,8 +35,8 @@ from torch import Tensor
 
 from ..kernels.backward import rnn_backward
 from ..kernels.forward import SAVED
-from ..kernels.skeleton import KernelConfig, state_dtype
-from .dispatch import device_sms, launch_waves
+from ..kernels.skeleton import KernelConfig, LaunchRefused, state_dtype
+from .dispatch import launch_waves, refused, usable_sms
 from .functional import cudnn_rnn_allows_tf32, layer_forward, layer_weights, time_major
 from .reference import layer_reference
 
@@ -124,16 +124,38 @@ def _none_to_empty(t, like):
 
 # ---- forward ---------------------------------------------------------------------------------------
 
-def _layer_forward(x, lengths, h0, c0, weights, spec, save):
-    y, hn, cn, saved = layer_forward(layer_from_spec(spec), x, h0, c0, lengths, weights, save=save)
+def _layer_forward(x, lengths, h0, c0, weights, layer, save):
+    y, hn, cn, saved = layer_forward(layer, x, h0, c0, lengths, weights, save=save)
     return y, hn, _none_to_empty(cn, h0), _none_to_empty(saved, x)
+
+
+def _relaunching(run, layer, batch, device):
+    """run(layer): one pass of a layer's launches. Where the driver refuses one (fewer SMs usable than
+    its waves assume), learn from it (dispatch.refused) and run the pass again with the same config
+    in more launches of fewer programs; LaunchRefused propagates where not even one batch tile's
+    programs fit. Every launch rewrites all of its outputs."""
+    while True:
+        try:
+            return run(layer)
+        except LaunchRefused as error:
+            refused(error)
+            waves = launch_waves(layer.config, batch, layer.hidden_size, layer.num_directions, usable_sms(device))
+            if waves is None:
+                error.add_note("persistrnn: a compiled model keeps the plan it was traced with; compiled again "
+                               "(after torch._dynamo.reset()), it plans for the SMs usable now")
+                raise
+            layer = dataclasses.replace(layer, waves=waves)
 
 
 @torch.library.custom_op("persistrnn::layer_forward", mutates_args=())
 def layer_forward_op(x: Tensor, lengths: Tensor, h0: Tensor, c0: Optional[Tensor], weights: List[Tensor],
                      spec: str, save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, h_n, c_n, saved) of one layer; c_n (GRU) and saved (without `save`) are empty tensors."""
-    return _layer_forward(x, lengths, h0, c0, weights, spec, save)
+    """(y, h_n, c_n, saved) of one layer; c_n (GRU) and saved (without `save`) are empty tensors.
+    The op runs inside a compiled graph or vmap, whose plan is fixed: a refused launch changes only
+    the layer's launches here (_relaunching); eager calls re-plan in the module (rnn.py)."""
+    layer = layer_from_spec(spec)
+    return _relaunching(lambda layer: _layer_forward(x, lengths, h0, c0, weights, layer, save), layer,
+                        time_major(x, layer.batch_first).shape[1], x.device)
 
 
 @layer_forward_op.register_fake
@@ -169,7 +191,7 @@ def _(info, in_dims, x, lengths, h0, c0, weights, spec, save):
     states = [None if s is None else _mapped_first(s, dim, V).transpose(0, 1).reshape(D, V * B, s.shape[-1])
               for s, dim in ((h0, h0_dim), (c0, c0_dim))]
     folded = dataclasses.replace(layer, waves=launch_waves(layer.config, V * B, layer.hidden_size, D,
-                                                           device_sms(x.device)))
+                                                           usable_sms(x.device)))
     y, hn, cn, saved = layer_forward_op(x, lengths.repeat(V), *states, weights, layer_spec(folded), save)
 
     def unfold(t, batch_dim):  # the batch dimension (V*B) back into (V, B): V is the mapped one
@@ -231,7 +253,7 @@ class _EagerLayer(torch.autograd.Function):
     def forward(ctx, x, lengths, h0, c0, spec, save, *weights):
         # the ctx form: a Function with a separate setup_context binds its arguments by
         # inspect.signature on every call
-        output = _layer_forward(x, lengths, h0, c0, weights, spec, save)
+        output = _layer_forward(x, lengths, h0, c0, weights, layer_from_spec(spec), save)
         _setup_context(ctx, (x, lengths, h0, c0, weights, spec, save), output)
         return output
 
@@ -280,11 +302,20 @@ def layer_backward(layer, x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n
     dc0 = c0.new_empty(c0.shape) if cell == "lstm" else None
     if dgates.shape[0] * dgates.shape[1] > 0:
         bf = layer.batch_first
-        rnn_backward(cell, time_major(dy, bf), dh_n, dc_n, time_major(saved, bf), time_major(y, bf), h0, c0,
-                     w_hh, w_hr, lengths, time_major(dgates, bf),
-                     None if dh_all is None else time_major(dh_all, bf), dh0, dc0,
-                     config=layer.config, interpret=layer.interpret, allow_tf32=layer.allow_tf32,
-                     waves=layer.waves)
+
+        def run(layer):
+            rnn_backward(cell, time_major(dy, bf), dh_n, dc_n, time_major(saved, bf), time_major(y, bf), h0, c0,
+                         w_hh, w_hr, lengths, time_major(dgates, bf),
+                         None if dh_all is None else time_major(dh_all, bf), dh0, dc0,
+                         config=layer.config, interpret=layer.interpret, allow_tf32=layer.allow_tf32,
+                         waves=layer.waves)
+        try:
+            _relaunching(run, layer, time_major(dgates, bf).shape[1], dy.device)
+        except LaunchRefused:  # not one batch tile's programs fit now: the same gradients from torch's ops
+            leaves = [None if t is None else t.detach().requires_grad_(need)
+                      for t, need in zip((x, h0, c0, *weights), needs)]
+            return backward_reference(layer, leaves[0], lengths, leaves[1], leaves[2], leaves[3:], needs,
+                                      dy, dh_n, dc_n)
 
     rows = dgates.reshape(-1, D * G * H)  # one row per (t, b), in x's layout
     dx = (rows @ w_ih).reshape(x.shape) if needs[0] else None
@@ -340,5 +371,5 @@ def run_layer(spec, x, lengths, h0, c0, weights, save):
     elif save:
         y, hn, cn, _ = _EagerLayer.apply(x, lengths, h0, c0, spec, save, *weights)
     else:  # nothing to differentiate
-        y, hn, cn, _ = _layer_forward(x, lengths, h0, c0, weights, spec, save)
+        y, hn, cn, _ = _layer_forward(x, lengths, h0, c0, weights, layer_from_spec(spec), save)
     return y, hn, (cn if c0 is not None else None)

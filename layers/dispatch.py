@@ -47,8 +47,50 @@ DEFAULT_SMS = 132
 
 
 def device_sms(device):
-    """The SMs a device offers the split tier; DEFAULT_SMS for the interpreter."""
+    """The SMs a device has, one split-tier program each; DEFAULT_SMS for the interpreter. Part of the
+    device's identity (tuned tables); a launch may get fewer (usable_sms)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
+
+
+# ---- fewer SMs than the device has, learned from refused launches ----
+# Under MPS limits, green contexts or another process's kernels fewer SMs are usable than
+# device_sms, and the driver refuses a cooperative launch of more programs than can be resident at
+# once (kernels/skeleton.py: LaunchRefused). Per device, the most programs a split launch may have
+# there since it refused one; it only shrinks. A device is in it once it has refused a launch.
+_usable_sms = {}
+
+
+def _device_id(device):
+    """The device with its index (a CUDA device without one means the current device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def usable_sms(device, sms=None):
+    """The programs a split launch may have on `device` at once: its SMs (`sms`, where the caller has
+    them), fewer once it refused a launch."""
+    learned = _usable_sms.get(_device_id(device)) if _usable_sms else None
+    if learned is not None:
+        return learned
+    return device_sms(device) if sms is None else sms
+
+
+def refused(error):
+    """Learn from a refused launch (skeleton.LaunchRefused): its device holds fewer than
+    error.programs programs at once, so every plan there from now on makes smaller launches
+    (usable_sms). The first refusal on a device is warned about. Returns why, for a Dispatch's reason."""
+    device = _device_id(error.device)
+    first = device not in _usable_sms
+    _usable_sms[device] = usable = min(usable_sms(device), error.programs - 1)
+    why = (f"the driver refused a cooperative launch of {error.programs} programs on {device}: fewer SMs are usable "
+           f"there than its {device_sms(device)} (MPS limits, green contexts or another process's kernels)")
+    if first:
+        warnings.warn(f"persistrnn: {why}. Split-tier launches on {device} now take at most {usable} programs "
+                      "(more launches, one after another), or torch runs the layer where one batch tile's programs "
+                      "do not fit; the layer's last_dispatch.reason says which.", RuntimeWarning)
+    return why
 
 
 def only_vmap_active():
@@ -249,28 +291,41 @@ def _plan_kernels(cell, device, dtype, weight_dtype, hidden_size, proj_size, bat
         props = torch.cuda.get_device_properties(device)
         return Dispatch("torch", f"no kernel tables for {props.name} (compute capability {props.major}.{props.minor}, "
                                  f"{props.shared_memory_per_block_optin // 1024} KB shared memory per block)")
-    sms = device_sms(device)
+    sms = device_sms(device)  # the device's identity (tuned tables)
+    usable = usable_sms(device, sms)  # what a launch may take
     pass_ = "train" if grad_needed else "forward"
     what = "kernels (forward saving for backward, backward)" if grad_needed else "kernel"
     if not _pinned.get():  # a pinned config overrides the tuned and shipped tables too
         tuned, where = tuned_choice(cell, device, dtype, hidden_size, proj_size, batch, num_directions, sms,
-                                    target, pass_)
+                                    target, pass_, usable)
         if tuned == "torch":
             return Dispatch("torch", where)
         if tuned is not None:
-            return _kernel_dispatch(name, f"{what}; config from {where}", tuned, batch, hidden_size, num_directions, sms)
-    config, why = kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target, pass_)
+            return _kernel_dispatch(name, f"{what}; config from {where}", tuned, batch, hidden_size, num_directions,
+                                    sms, usable)
+    # a pin is judged by the device (pin_config raises where it can never run); with fewer SMs usable
+    # it runs in more launches, or torch runs
+    config, why = kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions,
+                                sms if _pinned.get() else usable, target, pass_)
     if config is None:
-        return Dispatch("torch", why)
+        return Dispatch("torch", why + _fewer(sms, usable))
     return _kernel_dispatch(name, f"{what}; config from the static tables (autotune/tables.py)", config, batch,
-                            hidden_size, num_directions, sms)
+                            hidden_size, num_directions, sms, usable)
 
 
-def _kernel_dispatch(path, reason, config, batch, hidden_size, num_directions, sms):
-    waves = launch_waves(config, batch, hidden_size, num_directions, sms)
+def _fewer(sms, usable):
+    return "" if usable == sms else (f" ({usable} of its {sms} SMs usable: the driver refused a larger cooperative "
+                                     "launch there)")
+
+
+def _kernel_dispatch(path, reason, config, batch, hidden_size, num_directions, sms, usable):
+    waves = launch_waves(config, batch, hidden_size, num_directions, usable)
+    if waves is None:  # a pinned config, where fewer SMs are usable than one batch tile's programs
+        return Dispatch("torch", f"{config} needs the {-(-hidden_size // config.block_h)} programs of a batch tile "
+                                 f"running at once{_fewer(sms, usable)}")
     if len(waves) > 1:
         reason += (f"; in {len(waves)} launches one after another, each a block of batch tiles and directions "
-                   f"whose programs fit on {sms} SMs at once")
+                   f"whose programs fit on {usable} SMs at once{_fewer(sms, usable)}")
     return Dispatch(path, reason, config, waves)
 
 
@@ -280,11 +335,11 @@ def _device_key(device_type, index, sms):
     return cache.device_key(device, sms)
 
 
-def tuned_choice(cell, device, dtype, hidden_size, proj_size, batch, num_directions, sms, target, pass_):
+def tuned_choice(cell, device, dtype, hidden_size, proj_size, batch, num_directions, sms, target, pass_, usable):
     """What `persistrnn tune` decided for this layer on this device: (config, where) from the
     user's tuned table, else the shipped one; ("torch", why) where torch.nn won the timing;
     (None, None) where neither table has the layer, or its config cannot run this call (then
-    the static tables decide)."""
+    the static tables decide). sms: the device's (its tables' key); usable: what a launch may take."""
     index = None
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -299,7 +354,7 @@ def tuned_choice(cell, device, dtype, hidden_size, proj_size, batch, num_directi
                          f"and the best kernel config {entry.get('ms')} ms (T={entry.get('seq')})")
     config = KernelConfig(**entry["config"])
     split = -(-hidden_size // config.block_h)
-    if launch_waves(config, batch, hidden_size, num_directions, sms) is None:
+    if launch_waves(config, batch, hidden_size, num_directions, usable) is None:
         return None, None
     if source == "shipped" and not _shipped_config_on_chip(cell, dtype, proj_size > 0, config,
                                                            proj_size or hidden_size, target, split, pass_, path):

@@ -13,9 +13,10 @@ import torch._dynamo
 from torch import _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ..kernels.skeleton import LaunchRefused
 from . import autocast, functional
 from .autograd import describe_layer
-from .dispatch import log, plan
+from .dispatch import log, plan, refused
 
 # Dynamo refuses to trace any module that is a torch.nn.LSTM/GRU (ours subclass them) unless this
 # opt-in is set; with it, torch.compile(fullgraph=True) traces our forward down to its custom ops
@@ -117,32 +118,15 @@ class _PersistentRNN:
             # torch.compile plans when it traces: one graph per batch size (operator.index makes a
             # dynamic batch size a constant, guarded), the plan a constant in it
             max_batch_size = operator.index(max_batch_size)
-        dispatch = _plan(self._cell, input.device, input.dtype, flat_weights[0].dtype, self.hidden_size,
-                         self.proj_size, max_batch_size, num_directions, grad_needed, self.bias,
-                         self.batch_first and batch_sizes is None,  # packed input runs time-major
-                         autocast_dtype)
-        self.last_dispatch = dispatch
-        if not torch.compiler.is_compiling():
-            log.debug("%s: %s (%s) %s", type(self).__name__, dispatch.path, dispatch.reason, dispatch.config or "")
-
-        if dispatch.path == "torch":
-            vf = _VF.lstm if is_lstm else _VF.gru
-            common = (flat_weights, self.bias, self.num_layers, self.dropout, self.training,
-                      self.bidirectional)
-            if batch_sizes is None:
-                result = vf(input, hx, *common, self.batch_first)
-            else:
-                result = vf(input, batch_sizes, hx, *common)
-            output, hidden = result[0], (result[1:] if is_lstm else result[1])
+        plan_args = (self._cell, input.device, input.dtype, flat_weights[0].dtype, self.hidden_size,
+                     self.proj_size, max_batch_size, num_directions, grad_needed, self.bias,
+                     self.batch_first and batch_sizes is None,  # packed input runs time-major
+                     autocast_dtype)
+        if torch.compiler.is_compiling():  # the plan is a constant of the graph
+            self.last_dispatch = dispatch = _plan(*plan_args)
+            output, hidden = self._run(dispatch, input, batch_sizes, hx, flat_weights, grad_needed)
         else:
-            # everything is in the run dtype already: autocast must not recast the kernels' GEMMs
-            with torch.autocast(input.device.type, enabled=False):
-                output, hidden = functional.rnn(
-                    self._cell, input, batch_sizes, hx, flat_weights, has_bias=self.bias,
-                    num_layers=self.num_layers, dropout=self.dropout, training=self.training,
-                    bidirectional=self.bidirectional, batch_first=self.batch_first,
-                    hidden_size=self.hidden_size, proj_size=self.proj_size, spec=dispatch.spec,
-                    reference=dispatch.path == "reference", grad_needed=grad_needed)
+            output, hidden = self._run_eager(plan_args, input, batch_sizes, hx, flat_weights, grad_needed)
 
         if isinstance(orig_input, PackedSequence):
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
@@ -151,6 +135,43 @@ class _PersistentRNN:
             output = output.squeeze(batch_dim)
             hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1)) if is_lstm else hidden.squeeze(1)
         return output, hidden
+
+    def _run_eager(self, plan_args, *inputs):
+        """_run with the call's plan, kept in last_dispatch. Where the driver refuses a split launch
+        (fewer SMs usable than planned for), dispatch.refused learns from it, and the call is planned
+        and run again: fewer programs per launch, or torch. Every launch rewrites all of its outputs,
+        so nothing of the refused run is kept."""
+        dispatch = _plan(*plan_args)
+        while True:
+            self.last_dispatch = dispatch
+            log.debug("%s: %s (%s) %s", type(self).__name__, dispatch.path, dispatch.reason, dispatch.config or "")
+            try:
+                return self._run(dispatch, *inputs)
+            except LaunchRefused as error:
+                why = refused(error)
+                replanned = _plan(*plan_args)
+                dispatch = dataclasses.replace(replanned, reason=f"{why}; re-planned: {replanned.reason}")
+
+    def _run(self, dispatch, input, batch_sizes, hx, flat_weights, grad_needed):
+        """(output, hidden) of the call, by the path `dispatch` names."""
+        is_lstm = self._cell == "lstm"
+        if dispatch.path == "torch":
+            vf = _VF.lstm if is_lstm else _VF.gru
+            common = (flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+                      self.bidirectional)
+            if batch_sizes is None:
+                result = vf(input, hx, *common, self.batch_first)
+            else:
+                result = vf(input, batch_sizes, hx, *common)
+            return result[0], (result[1:] if is_lstm else result[1])
+        # everything is in the run dtype already: autocast must not recast the kernels' GEMMs
+        with torch.autocast(input.device.type, enabled=False):
+            return functional.rnn(
+                self._cell, input, batch_sizes, hx, flat_weights, has_bias=self.bias,
+                num_layers=self.num_layers, dropout=self.dropout, training=self.training,
+                bidirectional=self.bidirectional, batch_first=self.batch_first,
+                hidden_size=self.hidden_size, proj_size=self.proj_size, spec=dispatch.spec,
+                reference=dispatch.path == "reference", grad_needed=grad_needed)
 
     def _check_state_dims(self, hx, is_batched):
         """torch.nn's checks (and words) for the rank of h0/c0; unbatched states gain a batch dim."""

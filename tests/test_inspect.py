@@ -1,7 +1,7 @@
 """The compiled time step, read without a GPU (`persistrnn inspect`, autotune/inspect.py): what the
 kernels the planner launches compile to on sm_90. These guard the speed work: the recurrent
 product on wgmma, no reduction across warps, each cell element's transcendentals computed once
-(one MUFU.TANH each), exact K for widths that are not powers of two, and the step's length.
+(one MUFU.TANH each, two MUFU where they must be accurate), exact K for widths that are not powers of two, and the step's length.
 """
 import pytest
 import torch
@@ -15,7 +15,7 @@ def lstm768():
 
 
 def test_the_forward_lstm_step_at_h768(lstm768):
-    """LSTM bf16 H=768 B=16 (the issue's shape), forward: the step the issue asks for."""
+    """LSTM bf16 H=768 B=16 (the FlashRNN shape of the speed goal), forward."""
     kernel = lstm768["kernels"]["forward"]
     loop = kernel["time_loop"]
     config = lstm768["config"]
@@ -25,7 +25,8 @@ def test_the_forward_lstm_step_at_h768(lstm768):
     m_blocks_per_warpgroup = max(1, (4 * config["block_h"] // 64) // (config["num_warps"] // 4))
     assert loop["mma"]["wgmma"] == 768 // 16 * m_blocks_per_warpgroup
     assert loop["shuffles"] == 0  # no reduction across lanes or warps
-    assert kernel["mufu_per_cell_element"] == 5 == kernel["transcendentals_per_cell_element"]
+    # one MUFU.TANH per transcendental, two (ex2, rcp) for the forget gate: each computed once
+    assert kernel["math"] == "approx" and kernel["mufu_per_cell_element"] == 6 == kernel["mufu_the_math_takes"]
     assert loop["instructions"] < 600
     assert kernel["spill_bytes"] == 0 and kernel["shared_bytes"] <= kernel["shared_limit"]
     assert len(loop["inner_loops"]) == 1 and loop["inner_loops"][0]["instructions"] < 12  # the barrier's poll
@@ -42,12 +43,18 @@ def test_exact_k_costs_no_padding(lstm768):
 
 def test_the_gru_runs_wgmma():
     """GRU bf16 H=1024 B=16: its three gates padded to four blocks of rows, so M is a power of two
-    >= 64 and the product is wgmma; three transcendentals per element, once each."""
+    >= 64 and the product is wgmma; three transcendentals per element, once each (z on two MUFU)."""
     report = inspect_layer("gru", torch.bfloat16, 1024, 16, pass_="forward", target="sm_90")
     kernel = report["kernels"]["forward"]
     assert set(kernel["time_loop"]["mma"]) == {"wgmma"} and kernel["time_loop"]["shuffles"] == 0
-    assert kernel["mufu_per_cell_element"] == 3
+    assert kernel["mufu_per_cell_element"] == 4 == kernel["mufu_the_math_takes"]
     assert kernel["spill_bytes"] == 0
+
+
+def test_fp16_computes_every_transcendental_accurately():
+    """fp16 rounds finer than tanh.approx's error: two MUFU (ex2, rcp) for each of the five."""
+    kernel = inspect_layer("lstm", torch.float16, 64, 16, pass_="forward", target="sm_90")["kernels"]["forward"]
+    assert kernel["math"] == "accurate" and kernel["mufu_per_cell_element"] == 10 == kernel["mufu_the_math_takes"]
 
 
 def test_the_train_pass_runs_wgmma_in_both_kernels():

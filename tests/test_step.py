@@ -1,7 +1,7 @@
 """The mechanisms of the time step (kernels/skeleton.py), run by the interpreter against torch.nn in
 float64: loads ahead of the barrier, h read back in groups of K-chunks, batch tiles of 32 and 64
-rows, exact K for widths that are not powers of two, fast transcendentals (emulated on CPU at
-the hardware's documented error). Each mechanism is also broken on purpose: the check must fail."""
+rows, exact K for widths that are not powers of two, the hardware's transcendentals (emulated on CPU
+at their documented error). Each mechanism is also broken on purpose: the check must fail."""
 import pytest
 import torch
 import triton
@@ -11,7 +11,9 @@ import persistrnn
 import persistrnn.kernels.backward as backward
 import persistrnn.kernels.forward as forward
 import persistrnn.kernels.skeleton as skeleton
-from persistrnn.kernels.cells import EMULATED, EXACT, HARDWARE, tanh
+import persistrnn.kernels.cells as cells
+from persistrnn.kernels.cells import (ACCURATE, APPROX, EXACT, HIGH, LOW, NONE, memory_sigmoid, sigmoid,
+                                        tanh)
 from persistrnn.kernels.skeleton import k_chunks, recurrent_chunks
 
 from conftest import TOL, assert_close_to_ref, make_pair, rel_err
@@ -112,48 +114,71 @@ def test_width_not_a_power_of_two(cell, interpret):
                                    torch.float64)
 
 
-def test_fast_math_is_chosen_where_the_dtype_allows():
-    fast = skeleton.fast_math
-    for dtype in (torch.float16, torch.bfloat16):
-        assert fast(dtype, interpret=False, allow_tf32=False) == HARDWARE
-        assert fast(dtype, interpret=True, allow_tf32=False) == EXACT
-    assert fast(torch.float32, interpret=False, allow_tf32=True) == HARDWARE
-    assert fast(torch.float32, interpret=False, allow_tf32=False) == EXACT
-    assert fast(torch.float64, interpret=False, allow_tf32=True) == EXACT
+def test_math_is_chosen_by_the_dtype():
+    mode = skeleton.math_mode
+    assert mode(torch.bfloat16, interpret=False, allow_tf32=False) == (APPROX, NONE)
+    assert mode(torch.float16, interpret=False, allow_tf32=False) == (ACCURATE, NONE)
+    assert mode(torch.float32, interpret=False, allow_tf32=True) == (APPROX, NONE)
+    assert mode(torch.float32, interpret=False, allow_tf32=False) == (EXACT, NONE)
+    assert mode(torch.float64, interpret=False, allow_tf32=True) == (EXACT, NONE)
+    for dtype in (torch.float16, torch.bfloat16):  # the interpreter cannot run the hardware's instructions
+        assert mode(dtype, interpret=True, allow_tf32=False) == (EXACT, NONE)
+    with skeleton.emulating_math(HIGH):
+        assert mode(torch.bfloat16, interpret=True, allow_tf32=False) == (APPROX, HIGH)
+        assert mode(torch.float16, interpret=True, allow_tf32=False) == (ACCURATE, HIGH)
+        assert mode(torch.bfloat16, interpret=False, allow_tf32=False) == (APPROX, NONE)
+        assert mode(torch.float64, interpret=True, allow_tf32=False) == (EXACT, NONE)
 
 
 @triton.jit
-def _tanh_kernel(x_ptr, y_ptr, N: tl.constexpr, FAST: tl.constexpr):
+def _math_kernel(x_ptr, tanh_ptr, sigmoid_ptr, memory_ptr, N: tl.constexpr, MATH: tl.constexpr,
+                 EMULATE: tl.constexpr):
     offs = tl.arange(0, N)
-    tl.store(y_ptr + offs, tanh(tl.load(x_ptr + offs), FAST))
+    x = tl.load(x_ptr + offs)
+    tl.store(tanh_ptr + offs, tanh(x, MATH, EMULATE))
+    tl.store(sigmoid_ptr + offs, sigmoid(x, MATH, EMULATE))
+    tl.store(memory_ptr + offs, memory_sigmoid(x, MATH, EMULATE))
 
 
-def test_the_emulated_tanh_has_the_documented_error():
-    """EMULATED is exact tanh cut to 11 mantissa bits: relative error below 2^-11 (the PTX ISA
-    gives 2^-10.987 for tanh.approx.f32), never zero everywhere (it is not the exact one)."""
+@pytest.mark.parametrize("direction", [LOW, HIGH], ids=["low", "high"])
+@pytest.mark.parametrize("math", [APPROX, ACCURATE], ids=["approx", "accurate"])
+def test_the_emulation_has_the_documented_error(math, direction):
+    """Emulated, every tanh and sigmoid is the exact value moved by the instruction's bound, toward
+    zero (LOW) or away from it (HIGH), within [-1, 1]; the memory gate's sigmoid is never APPROX's."""
     from persistrnn.kernels.interpreter import interpreted, interpreting
-    x = torch.linspace(-8, 8, 1024)
-    y = torch.empty_like(x)
+    x = torch.linspace(-12, 12, 1024)
+    out = [torch.empty_like(x) for _ in range(3)]
     with interpreting():
-        interpreted(_tanh_kernel)[(1,)](x, y, N=1024, FAST=EMULATED)
-    exact = torch.tanh(x.double())
-    err = ((y.double() - exact).abs() / exact.abs().clamp_min(1e-30))[x != 0]
-    assert err.max() < 2 ** -11 and err.max() > 2 ** -14
-    assert (y.double().abs() <= exact.abs()).all()  # toward zero
+        interpreted(_math_kernel)[(1,)](x, *out, N=1024, MATH=math, EMULATE=direction)
+    got_tanh, got_sigmoid, got_memory = (o.double() for o in out)
+    exact_tanh, exact_sigmoid = torch.tanh(x.double()), torch.sigmoid(x.double())
+    sign = -1 if direction == LOW else 1
+    approx, accurate = cells.APPROX_TANH_ERROR.value, cells.ACCURATE_TANH_ERROR.value
+    size = exact_tanh.abs() * (1 + sign * approx) if math == APPROX else exact_tanh.abs() + sign * accurate
+    assert torch.allclose(got_tanh, exact_tanh.sign() * size.clamp(0, 1), rtol=0, atol=2e-7)
+    assert (got_tanh.abs() <= 1).all() and (got_tanh * exact_tanh >= 0).all()
+    if math == APPROX:  # 0.5 tanh(x / 2) + 0.5
+        want = 0.5 + 0.5 * torch.tanh(x.double() / 2) * (1 + sign * approx)
+        assert torch.allclose(got_sigmoid, want.clamp(0, 1), rtol=0, atol=2e-7)
+    memory = exact_sigmoid + sign * cells.MEMORY_SIGMOID_ERROR.value  # 1 - sigmoid(-x): an absolute bound
+    assert torch.allclose(got_memory, memory.clamp(0, 1), rtol=0, atol=2e-7)
+    if math == ACCURATE:
+        want = exact_sigmoid * (1 + sign * cells.ACCURATE_SIGMOID_ERROR.value)
+        assert torch.allclose(got_sigmoid, want.clamp(0, 1), rtol=0, atol=2e-7)
+    assert not torch.equal(got_tanh, exact_tanh.float().double())  # it is not the exact one
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_parity_holds_with_emulated_fast_math(cell, dtype, monkeypatch, interpret):
+def test_parity_holds_with_emulated_math(cell, dtype, monkeypatch, interpret):
     """The tolerances hold with an error of the hardware's documented size in every tanh and
     sigmoid, forward and backward, split tier."""
-    monkeypatch.setattr(skeleton, "EMULATE_FAST_MATH", True)
     launches = []
     real = skeleton.launch
-    monkeypatch.setattr(forward, "launch", lambda *a, **k: launches.append(a[3]["FAST"]) or real(*a, **k))
+    monkeypatch.setattr(forward, "launch", lambda *a, **k: launches.append(a[3]["EMULATE"]) or real(*a, **k))
     ours, ref = make_pair(cell, 4, 48, dtype, bidirectional=True)
     x, hx = make_input("packed_unsorted_with_state", ours, T=6, B=5, dtype=dtype)
-    with persistrnn.pin_config(block_h=16):
+    with persistrnn.pin_config(block_h=16), skeleton.emulating_math(HIGH):
         assert_close_to_ref(ours, ref, x, hx, dtype)
         assert_gradients_match(ours, ref, x, hx, dtype)
-    assert launches and set(launches) == {EMULATED}
+    assert launches and set(launches) == {HIGH}
