@@ -1,4 +1,4 @@
-"""torch.compile of models that hold persistrnn layers (issue 13), on CPU through the interpreter:
+"""torch.compile of models that hold persistrnn layers, on CPU through the interpreter:
 fullgraph=True traces the layer down to its custom ops (layers/autograd.py) with no graph break,
 gives eager's outputs and gradients, and does not recompile for the same shapes; the two custom
 ops pass torch.library.opcheck (schema, fake implementations, autograd registration)."""

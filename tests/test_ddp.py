@@ -1,4 +1,4 @@
-"""DistributedDataParallel and DataParallel (issue 13): a model with a persistrnn layer trains under
+"""DistributedDataParallel and DataParallel: a model with a persistrnn layer trains under
 DDP, one process per rank (gloo on CPU, the kernels through the interpreter), with the same losses
 as the same model with torch.nn's layer, and the ranks' weights stay identical; and under
 DataParallel."""

@@ -1,4 +1,4 @@
-"""Fitting the PyTorch stack (issue 13), on CPU through the interpreter: no host synchronization on
+"""Fitting the PyTorch stack, on CPU through the interpreter: no host synchronization on
 the launch path, bitwise determinism, higher-order autograd (second derivatives against torch.nn,
 gradcheck and gradgradcheck with batched gradients), and torch.func (vmap, grad, jacrev,
 functional_call). torch.compile: tests/test_compile.py."""

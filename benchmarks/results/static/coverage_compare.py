@@ -1,5 +1,5 @@
-"""The coverage grid of issue 10 (`persistrnn capacity --coverage`) before and after, per target:
-the shipped tables of 0d0c9c6 (after issue 8) and today's, with one launch per layer only, and
+"""The coverage grid (`persistrnn capacity --coverage`) before and after, per target:
+the shipped tables of 0d0c9c6 (the first tensor-core step) and today's, with one launch per layer only, and
 today's with several launches (dispatch.launch_waves). Run from the repository root:
 
     python benchmarks/results/static/coverage_compare.py
