@@ -165,7 +165,7 @@ def cmd_tune(args):
     from tqdm import tqdm
 
     from persistrnn.autotune import tune
-    from persistrnn.autotune.space import cheap_prune, config_space
+    from persistrnn.autotune.space import compile_requests
     interpret = args.backend == "interpret"
     if not (args.static or interpret or torch.cuda.is_available()):
         print("persistrnn tune: no CUDA GPU here; use --static --target sm_90|sm_80 to rank configs without one, "
@@ -177,10 +177,8 @@ def cmd_tune(args):
     args.hidden, args.batch = args.hidden or [256, 512, 768, 1024], args.batch or [1, 16, 64]
     layers = _tune_layers(args)
     if args.static:
-        from persistrnn.autotune.aot import TARGETS
-        total = sum(len(cheap_prune(layer, config_space(layer), args.target, TARGETS[args.target]["sms"])[0])
-                    for layer in layers)
-        with tqdm(total=total, desc="compile", unit="config", disable=args.json) as bar:
+        total = len(compile_requests(layers, args.target)[0])  # distinct kernels, each compiled once
+        with tqdm(total=total, desc="compile", unit="kernel", disable=args.json) as bar:
             report = tune.static_report(layers, args.target, workers=args.workers, progress=bar.update)
         if args.json:
             print(json.dumps(report))

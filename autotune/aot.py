@@ -6,9 +6,14 @@ its registers (REG), stack (STACK: spills) and local memory, and triton's metada
 memory. A config is on-chip when it spills nothing and its shared memory fits the target.
 Two passes: "forward" (inference: the forward kernel without SAVE) and "train" (the forward
 kernel with SAVE and the backward kernel, with the same config: on-chip when both are).
+
+The unit of compilation and of the per-process cache is one kernel (KernelKey: its own warps and
+compile-time parameters), never a pass: a train query is the worse of two cached kernels, and
+configs that share a kernel compile it once.
 """
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import re
 import subprocess
@@ -22,7 +27,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from ..kernels.backward import _rnn_backward_kernel
 from ..kernels.forward import SAVED, _rnn_forward_kernel
-from ..kernels.skeleton import MAX_SPIN, kernel_constexprs, state_dtype
+from ..kernels.skeleton import MAX_SPIN, KernelConfig, kernel_constexprs, state_dtype
 
 PASSES = ("forward", "train")
 # the kernels of a pass, and the single kernels a search may ask about on their own
@@ -71,29 +76,124 @@ def disassemble(cubin: bytes):
     return _cuobjdump_run(cubin, "-sass")
 
 
-_resources = {}  # per process: config key -> Resources
+@dataclasses.dataclass(frozen=True)
+class KernelKey:
+    """One compile: a kernel ("forward", "forward_save" or "backward") of a layer of shape (H, R, B, D)
+    for a target, with what that kernel alone is compiled with. A config's num_warps is the forward
+    kernels' and its backward_warps the backward's, so train configs that differ only in the other
+    kernel's warps share this kernel's compile."""
+    kernel: str
+    cell: str
+    dtype: object  # torch.dtype
+    has_proj: bool
+    block_b: int
+    block_h: int
+    num_warps: int  # this kernel's
+    num_stages: int
+    shape: tuple  # (H, R, B, D)
+    target: str
+    allow_tf32: bool
+    dir0: int = 0
+
+    @property
+    def config(self):
+        return KernelConfig(self.block_b, self.block_h, self.num_warps, self.num_stages)
+
+
+def kernel_key(kernel, cell, dtype, has_proj, config, shape, target, allow_tf32, dir0=0):
+    """The KernelKey of compile_kernel's arguments."""
+    return KernelKey(kernel, cell, dtype, bool(has_proj), config.block_b, config.block_h,
+                     config.warps("backward" if kernel == "backward" else "forward"), config.num_stages,
+                     tuple(shape), target, bool(allow_tf32), dir0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """What one compile gave: its resources (failed: the compiler rejected it, then error says how),
+    and, where asked for and the kernel is on-chip, its time loop's instruction mix (inspect.loop_mix,
+    None if no time loop was found)."""
+    resources: Resources
+    error: str = None
+    mix_read: bool = False
+    mix: dict = dataclasses.field(default=None, compare=False)
+
+
+_compiled = {}  # per process: KernelKey -> Compiled
+
+
+def _compile_one(key, mix=False):
+    try:
+        compiled = compile_kernel(key.kernel, key.cell, key.dtype, key.has_proj, key.config, key.shape, key.target,
+                                  key.allow_tf32, key.dir0)
+    except Exception as exc:  # noqa: BLE001 - a config the compiler rejects is not held (its error is on stderr)
+        return Compiled(Resources(0, 0, 0, 0, TARGETS[key.target]["smem"], failed=True),
+                        error=f"compile error {type(exc).__name__}")
+    res = resources_of(compiled, key.target)
+    if not (mix and res.on_chip):
+        return Compiled(res)
+    from .inspect import loop_mix
+    return Compiled(res, mix_read=True, mix=loop_mix(compiled.asm["cubin"]))
+
+
+def _compile_job(job):
+    return _compile_one(*job)
+
+
+def _usable(key, mix):
+    done = _compiled.get(key)
+    return done is not None and (not mix or done.mix_read or not done.resources.on_chip)
+
+
+def compile_kernels(keys, mix=(), workers=None, progress=None):
+    """Compile every distinct KernelKey of `keys` once per process (the cache), in `workers`
+    processes (default: all cores; 1: in this one); keys in `mix` also get their time loop read
+    (SASS). progress() is called after each compile. Returns {key: Compiled} for `keys`."""
+    keys, mix = list(dict.fromkeys(keys)), set(mix)
+    todo = [(k, k in mix) for k in keys if not _usable(k, k in mix)]
+    if workers == 1 or len(todo) <= 1:
+        for job in todo:
+            _compiled[job[0]] = _compile_one(*job)
+            progress and progress()
+    elif todo:
+        with concurrent.futures.ProcessPoolExecutor(min(workers or os.cpu_count(), len(todo))) as pool:
+            futures = {pool.submit(_compile_job, job): job[0] for job in todo}
+            for future in concurrent.futures.as_completed(futures):
+                _compiled[futures[future]] = future.result()
+                progress and progress()
+    return {k: _compiled[k] for k in keys}
+
+
+def worst(resources):
+    """The worse of several kernels' resources, field by field (failed if any failed)."""
+    resources = list(resources)
+    if any(r.failed for r in resources):
+        return next(r for r in resources if r.failed)
+    return functools.reduce(lambda a, b: Resources(*(max(x, y) for x, y in zip(dataclasses.astuple(a),
+                                                                             dataclasses.astuple(b)))), resources)
+
+
+def _pass_kernel_keys(cell, dtype, has_proj, config, width, target, split, pass_):
+    """The compiles of kernel_resources' query: each kernel of the pass at the representative shape,
+    fp32 with TF32 dots and with IEEE ones."""
+    shape = representative_shape(has_proj, config, width, split)
+    return [kernel_key(kernel, cell, dtype, has_proj, config, shape, target, allow_tf32)
+            for kernel in KERNELS[pass_] for allow_tf32 in ((True, False) if dtype == torch.float32 else (False,))]
 
 
 def kernel_resources(cell, dtype, has_proj, config, width, target="sm_90", split=1, pass_="forward"):
     """Compile the kernels of one pass ("forward" or "train", or one kernel: "forward_save",
     "backward") for one KernelConfig, a recurrent input of `width` (hidden or proj size) and SPLIT
-    programs, and report what they use on `target`: the worse of the two kernels for "train" (cached)."""
-    key = (cell, dtype, has_proj, config, width, target, split, pass_)
-    if key not in _resources:
-        _resources[key] = _compile(*key)
-    return _resources[key]
+    programs, and report what they use on `target`: the worse of the two kernels for "train". Each
+    kernel is compiled once per process (compile_kernels), so a train query costs only the kernels
+    no earlier query compiled."""
+    keys = _pass_kernel_keys(cell, dtype, has_proj, config, width, target, split, pass_)
+    return worst(c.resources for c in compile_kernels(keys, workers=1).values())
 
 
 def prefetch(keys, workers=None):
-    """Compile many configs (tuples of kernel_resources' arguments, all eight) on all cores."""
-    missing = sorted({tuple(k) for k in keys} - set(_resources), key=str)
-    if missing:
-        with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count()) as pool:
-            _resources.update(zip(missing, pool.map(_compile_key, missing)))
-
-
-def _compile_key(key):
-    return _compile(*key)
+    """Compile many configs (tuples of kernel_resources' arguments, all eight) on all cores: each
+    distinct kernel once."""
+    compile_kernels([k for key in keys for k in _pass_kernel_keys(*key)], workers=workers)
 
 
 def representative_shape(has_proj, config, width, split):
@@ -102,23 +202,6 @@ def representative_shape(has_proj, config, width, split):
     H = max(config.block_h * split, 16)
     R = width if not has_proj or width < H else max(H - 16, 8)
     return H, R, config.block_b, 1
-
-
-def _compile(cell, dtype, has_proj, config, width, target, split, pass_):
-    """Compile as a launch would, specializing on representative arguments (sizes and strides
-    divisible by 16, aligned pointers); fp32 both with TF32 and IEEE dots, keeping the worse."""
-    worst = None
-    kernels = KERNELS[pass_]
-    shape = representative_shape(has_proj, config, width, split)
-    for kernel, allow_tf32 in ((k, a) for k in kernels for a in ((True, False) if dtype == torch.float32 else (False,))):
-        try:
-            compiled = compile_kernel(kernel, cell, dtype, has_proj, config, shape, target, allow_tf32)
-        except Exception:  # noqa: BLE001 - a config the compiler rejects is not held (its error is on stderr)
-            return Resources(0, 0, 0, 0, TARGETS[target]["smem"], failed=True)
-        res = resources_of(compiled, target)
-        worst = res if worst is None else Resources(*(max(a, b) for a, b in zip(
-            dataclasses.astuple(worst), dataclasses.astuple(res))))
-    return worst
 
 
 def resources_of(compiled, target):

@@ -13,7 +13,8 @@ Pruning, before any timing, in this order:
    for programs that never start (this check is a guarantee). A grid larger than the SMs but
    with SPLIT <= SMs runs as several launches one after another (dispatch.launch_waves);
 3. the ahead-of-time compile for the target (aot.py), in parallel processes: spills, shared
-   memory over the limit, or a compiler error.
+   memory over the limit, or a compiler error. The unit compiled is one kernel (aot.KernelKey),
+   compiled once: train configs that differ only in the other kernel's warps share it.
 Batch tiles larger than the batch stay: padding rows cost little in a wgmma's N, and a larger
 tile can be the only one that compiles on-chip (the GRU's train pass at H = 1024 needs 32 rows).
 
@@ -24,14 +25,12 @@ step for the split tier (DESIGN.md: about 3 L2 round trips of 130-250 ns, ~1000 
 1.75 GHz). Summed over the pass's kernels, and ranked times the layer's launches (each runs
 every step). It ranks; it is not a time.
 """
-import concurrent.futures
 import dataclasses
-import os
 
 import torch
 
 from ..kernels.skeleton import KernelConfig
-from .aot import TARGETS, compile_kernel, resources_of
+from .aot import TARGETS, compile_kernels, kernel_key
 from .capacity import BATCH_TILES, NUM_WARPS, weight_bytes
 
 BARRIER_CYCLES = 1000
@@ -101,65 +100,82 @@ def _kernels(pass_):
     return ("forward",) if pass_ == "forward" else ("forward_save", "backward")
 
 
-def compiled_cost(layer, config, target):
+def _tf32_modes(layer):
+    """fp32's dot modes, the one torch's flag sets now first (its instructions are the ones counted)."""
+    from ..layers.functional import cudnn_rnn_allows_tf32
+    tf32_now = cudnn_rnn_allows_tf32()
+    return (tf32_now, not tf32_now) if layer.dtype == torch.float32 else (False,)
+
+
+def kernel_keys(layer, config, target):
+    """The compiles a config of the layer takes: [(kernel name, dot mode, aot.KernelKey)], in the
+    order compiled_cost judges them, and the keys whose time loop is read (the dot mode of now)."""
+    shape = (layer.hidden_size, layer.width, layer.batch, layer.num_directions)
+    modes = _tf32_modes(layer)
+    keys = [(kernel, allow_tf32, kernel_key(kernel, layer.cell, layer.dtype, layer.proj_size > 0, config, shape,
+                                            target, allow_tf32))
+            for kernel in _kernels(layer.pass_) for allow_tf32 in modes]
+    return keys, {key for _, allow_tf32, key in keys if allow_tf32 == modes[0]}
+
+
+def compile_requests(layers, target, sms=None):
+    """(keys, keys whose time loop is read): every distinct kernel compile that ranking `layers` on
+    `target` takes (the configs that pass cheap_prune), each once."""
+    keys, mix = {}, set()
+    for layer in layers:
+        kept, _ = cheap_prune(layer, config_space(layer), target, sms or TARGETS[target]["sms"])
+        for config in kept:
+            mine, read = kernel_keys(layer, config, target)
+            keys.update((key, None) for _, _, key in mine)
+            mix |= read
+    return list(keys), mix
+
+
+def compiled_cost(layer, config, target, compiled=None):
     """Compile the pass's kernels for `target` as a launch of `layer` would; returns
     {"on_chip", "reason", "cost", "kernels": {name: {registers, spill_bytes, shared_bytes, instructions}}}.
     fp32 compiles with TF32 dots and with IEEE ones (torch's flag may change after tuning) and
-    must be on-chip with both; the instructions counted are those of the flag set now."""
-    from .inspect import loop_mix
-    shape = (layer.hidden_size, layer.width, layer.batch, layer.num_directions)
-    from ..layers.functional import cudnn_rnn_allows_tf32
-    tf32_now = cudnn_rnn_allows_tf32()
-    modes = (tf32_now, not tf32_now) if layer.dtype == torch.float32 else (False,)
+    must be on-chip with both; the instructions counted are those of the flag set now. Each kernel
+    is compiled once per process (aot.compile_kernels); `compiled` may hold them already."""
+    keys, read = kernel_keys(layer, config, target)
+    if compiled is None or not all(key in compiled for _, _, key in keys):
+        compiled = compile_kernels([key for _, _, key in keys], mix=read, workers=1)
+    multiple_modes = layer.dtype == torch.float32
     row = {"on_chip": True, "reason": None, "cost": 0, "kernels": {}}
-    for kernel in _kernels(layer.pass_):
-        for allow_tf32 in modes:
-            try:
-                compiled = compile_kernel(kernel, layer.cell, layer.dtype, layer.proj_size > 0, config, shape, target,
-                                          allow_tf32=allow_tf32)
-            except Exception as exc:  # noqa: BLE001 - a config the compiler rejects is pruned, with its reason
-                return dict(row, on_chip=False, reason=f"{kernel}: compile error {type(exc).__name__}", cost=None)
-            res = resources_of(compiled, target)
-            if not res.on_chip:
-                why = "spills" if res.stack or res.local else f"shared memory {res.shared} > {res.smem_limit} B"
-                dots = (" with TF32 dots" if allow_tf32 else " with IEEE dots") if len(modes) > 1 else ""
-                return dict(row, on_chip=False, reason=f"{kernel}: {why}{dots}", cost=None)
-            if allow_tf32 != tf32_now and len(modes) > 1:
-                continue
-            mix = loop_mix(compiled.asm["cubin"])
-            if mix is None:
-                return dict(row, on_chip=False, reason=f"{kernel}: no time loop found in the SASS", cost=None)
-            steps = mix["instructions"]
-            warps = config.warps("backward" if kernel == "backward" else "forward")
-            row["kernels"][kernel] = {"registers": res.regs, "spill_bytes": res.stack + res.local,
-                                      "shared_bytes": res.shared, "instructions": steps, "num_warps": warps}
-            row["cost"] += steps * -(-warps // SCHEDULERS_PER_SM) + (BARRIER_CYCLES if layer.split(config) > 1 else 0)
+    for kernel, allow_tf32, key in keys:
+        done = compiled[key]
+        res = done.resources
+        if res.failed:
+            return dict(row, on_chip=False, reason=f"{kernel}: {done.error}", cost=None)
+        if not res.on_chip:
+            why = "spills" if res.stack or res.local else f"shared memory {res.shared} > {res.smem_limit} B"
+            dots = (" with TF32 dots" if allow_tf32 else " with IEEE dots") if multiple_modes else ""
+            return dict(row, on_chip=False, reason=f"{kernel}: {why}{dots}", cost=None)
+        if key not in read:
+            continue
+        if done.mix is None:
+            return dict(row, on_chip=False, reason=f"{kernel}: no time loop found in the SASS", cost=None)
+        steps = done.mix["instructions"]
+        warps = key.num_warps
+        row["kernels"][kernel] = {"registers": res.regs, "spill_bytes": res.stack + res.local,
+                                  "shared_bytes": res.shared, "instructions": steps, "num_warps": warps}
+        row["cost"] += steps * -(-warps // SCHEDULERS_PER_SM) + (BARRIER_CYCLES if layer.split(config) > 1 else 0)
     return row
-
-
-def _compiled_cost_job(job):
-    return compiled_cost(*job)
 
 
 def static_rank(layer, target, sms=None, workers=None, progress=None):
     """The layer's pruned space on `target`, ranked by static cost: (ranked, dropped), ranked a list
     of (config, row) best first (ties: fewer programs, then smaller tiles), dropped a list of
-    (config, reason). Compiles in `workers` processes (default: all cores)."""
+    (config, reason). Compiles each distinct kernel once (aot.compile_kernels: the kernels train
+    configs share, and any an earlier call compiled, are not compiled again) in `workers` processes
+    (default: all cores); progress() after each compile."""
     sms = sms or TARGETS[target]["sms"]
     kept, dropped = cheap_prune(layer, config_space(layer), target, sms)
-    jobs = [(layer, c, target) for c in kept]
-    if workers == 1 or len(jobs) <= 1:
-        rows = [_compiled_cost_job(j) for j in jobs]
-        for _ in rows:
-            progress and progress()
-    else:
-        with concurrent.futures.ProcessPoolExecutor(min(workers or os.cpu_count(), len(jobs))) as pool:
-            rows = []
-            for row in pool.map(_compiled_cost_job, jobs):
-                rows.append(row)
-                progress and progress()
+    keys, read = compile_requests([layer], target, sms)
+    compiled = compile_kernels(keys, mix=read, workers=workers, progress=progress)
     ranked = []
-    for c, row in zip(kept, rows):
+    for c in kept:
+        row = compiled_cost(layer, c, target, compiled)
         if row["on_chip"]:
             ranked.append((c, row))
         else:

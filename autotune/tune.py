@@ -24,7 +24,8 @@ import torch
 
 from ..kernels.skeleton import KernelConfig
 from . import cache
-from .space import Layer, static_rank
+from .aot import compile_kernels
+from .space import Layer, compile_requests, static_rank
 
 MARGIN = 0.03  # a new winner must beat the table's config by this fraction to replace it
 TOP = 3  # candidates re-timed to confirm
@@ -192,10 +193,14 @@ def tune(layers, device, *, seq=256, repeats=10, max_candidates=8, workers=None,
 
 
 def static_report(layers, target, *, workers=None, top=3, progress=None):
-    """`persistrnn tune --static`: per layer, the pruned candidates ranked by static cost."""
+    """`persistrnn tune --static`: per layer, the pruned candidates ranked by static cost. Every
+    distinct kernel of every layer's candidates is compiled once, all in one pool of `workers`
+    processes (progress() after each compile: compile_requests counts them), then ranked."""
+    keys, read = compile_requests(layers, target)
+    compile_kernels(keys, mix=read, workers=workers, progress=progress)
     report = []
     for layer in layers:
-        ranked, dropped = static_rank(layer, target, workers=workers, progress=progress)
+        ranked, dropped = static_rank(layer, target, workers=workers)
         report.append({"layer": layer.describe(), "target": target, "survivors": len(ranked),
                        "pruned": [[dataclasses.asdict(c), why] for c, why in dropped],
                        "ranking": [dict(dataclasses.asdict(c), cost=row["cost"],

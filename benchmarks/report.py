@@ -1,12 +1,15 @@
 """The benchmark report: rendering a `results.json` (what `persistrnn bench` measured) into
-report.md, PNG plots and one pyperf suite per mode, and comparing two result sets.
+report.md, PNG plots and, where pyperf is installed, one pyperf suite per mode, and comparing two
+result sets.
 
     persistrnn report RESULTS_JSON [--out DIR]          re-render the report of a results.json
     persistrnn report --compare A_JSON B_JSON [--out DIR]   what changed from A to B, per shape
 
 results.json holds every raw time (milliseconds, CUDA events) of both implementations per case;
-every statistic here is derived from them with pyperf (median, 25th and 75th percentiles), so a
-report re-rendered later says exactly what the first one said. A results.json whose "fixture" is
+every statistic here is derived from them (median, and the 25th and 75th percentiles interpolated
+linearly between the sorted times, as pyperf computes them), so a report re-rendered later says
+exactly what the first one said. pyperf is needed only to write the pyperf suites; without it the
+report says they were skipped. A results.json whose "fixture" is
 true is a test fixture with made-up numbers: its report says so on top, and it is never written
 under benchmarks/results/.
 """
@@ -14,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 
 SCHEMA = "persistrnn-bench/1"
@@ -48,6 +52,15 @@ def case_name(case):
     return name
 
 
+def have_pyperf():
+    """Whether pyperf can be imported (it writes the pyperf suites, nothing else)."""
+    try:
+        import pyperf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _benchmark(name, times_ms):
     import pyperf
     run = pyperf.Run([t / 1e3 for t in times_ms], metadata={"name": name, "unit": "second"},
@@ -55,10 +68,23 @@ def _benchmark(name, times_ms):
     return pyperf.Benchmark([run])
 
 
+def percentile(values, p):
+    """The p-th percentile (0-100), interpolated linearly between the sorted values (pyperf's rule)."""
+    values = sorted(values)
+    k = (len(values) - 1) * p / 100
+    f, c = math.floor(k), math.ceil(k)
+    return values[f] if f == c else values[f] * (c - k) + values[c] * (k - f)
+
+
 def stats(times_ms):
-    """{"median", "q25", "q75"} in milliseconds, by pyperf."""
-    bench = _benchmark("stats", times_ms)
-    return {"median": bench.median() * 1e3, "q25": bench.percentile(25) * 1e3, "q75": bench.percentile(75) * 1e3}
+    """{"median", "q25", "q75"} in milliseconds."""
+    return {"median": statistics.median(times_ms), "q25": percentile(times_ms, 25), "q75": percentile(times_ms, 75)}
+
+
+def compared(case):
+    """Whether a case ran persistrnn's kernels: on the torch path torch.nn ran on both sides, and the
+    ratio of the two is no speedup of persistrnn's."""
+    return case["path"] != "torch"
 
 
 def summarize(case):
@@ -90,11 +116,18 @@ def _is_single(case):
 
 def _path(case):
     if case["path"] == "torch":
-        return f"torch fallback: {case['reason']}"
-    return f"{case['path']} {case.get('config') or ''}".strip()
+        both = "torch.nn on both sides"
+        return case["reason"] if case["reason"].startswith(both) else f"{both}: {case['reason']}"
+    text = f"{case['path']} {case.get('config') or ''}".strip()
+    return f"{text} ({case['config_source']})" if case.get("config_source") else text
 
 
-def markdown(results, plots):
+def _speedup(case, summary):
+    return f"{summary['speedup']:.2f}x" if compared(case) else "- (torch.nn both sides)"
+
+
+def markdown(results, plots, suites=None):
+    """report.md; `suites` are the pyperf suites written beside it (None: pyperf was not there)."""
     env, method = results["environment"], results["method"]
     floor = results.get("floor", FLOOR)
     out = [f"# persistrnn benchmark: {env['gpu']}", ""]
@@ -111,12 +144,35 @@ def markdown(results, plots):
             "alternating persistrnn and torch.nn (cuDNN) call by call on the same weights and inputs, so that "
             "clock and thermal drift hit both alike.",
             "- Figures are medians with the interquartile range [25th, 75th percentile] of the timed calls "
-            "(pyperf); speedup = torch.nn median / persistrnn median (> 1: persistrnn is faster); the geometric "
-            "mean is over every case of a mode.",
+            "(linear interpolation, as pyperf computes them); speedup = torch.nn median / persistrnn median "
+            "(> 1: persistrnn is faster); the geometric mean is over the cases of a mode that ran persistrnn's "
+            "kernels (a case on the torch path ran torch.nn on both sides and has no speedup).",
             f"- {method['memory']}",
             f"- {method['error']}",
-            f"- {method['cudnn_algo']}",
-            f"- Per-step floor: {floor['us_per_step']:g} us. Source: {floor['source']}.", ""]
+            f"- {method['cudnn_algo']}"]
+    if method.get("configs"):
+        out.append(f"- persistrnn's configs: {method['configs']}.")
+    out += [f"- Per-step floor: {floor['us_per_step']:g} us. Source: {floor['source']}.",
+            "- pyperf suites: " + (", ".join(suites) + " (`python -m pyperf compare_to A B` compares two)" if suites
+                                   else "none written" if suites is not None else
+                                   "skipped: pyperf is not installed here (the statistics above do not need it; "
+                                   "`persistrnn report results.json` with pyperf installed writes them)") + ".", ""]
+    run = results.get("run")
+    if run:
+        out += ["## Run", ""]
+        measured, skipped, failed = len(results["cases"]), run.get("skipped_for_budget", []), run.get("failed", [])
+        out.append(f"- {measured} of {run['planned']} planned cases measured"
+                   + (f" in {run['elapsed_s']:g} s" if run.get("elapsed_s") is not None else "") + ".")
+        if skipped:
+            out.append(f"- {len(skipped)} cases skipped for the budget ({run['budget_s']:g} s: no case starts once "
+                       f"it is spent): {', '.join(skipped)}.")
+        for f in failed:
+            out.append(f"- failed: {f['case']}: {f['error']}")
+        missing = run["planned"] - measured - len(skipped) - len(failed)
+        if missing > 0:
+            out.append(f"- {missing} cases not measured: the run stopped before them (results.json is written "
+                       "after every case).")
+        out.append("")
     for mode, title in MODES.items():
         cases = [c for c in results["cases"] if c["mode"] == mode]
         if not cases:
@@ -128,13 +184,14 @@ def markdown(results, plots):
         for c, d in zip(cases, summaries):
             layers = f"{c['layers']}{' bidir' if c['bidirectional'] else ''}"
             out.append(f"| {c['cell']} | {c['dtype']} | {c['batch']} | {c['hidden']} | {c['seq']} | {layers} | "
-                       f"{_ms(d['stats']['persistrnn'])} | {_ms(d['stats']['torch.nn'])} | {d['speedup']:.2f}x | "
+                       f"{_ms(d['stats']['persistrnn'])} | {_ms(d['stats']['torch.nn'])} | {_speedup(c, d)} | "
                        f"{_path(c)} | {c['cudnn_algo']} | {c['max_abs_error']:.2e} |")
-        speedups = [d["speedup"] for d in summaries]
-        kernel = [d["speedup"] for c, d in zip(cases, summaries) if c["path"] != "torch"]
-        out += ["", f"Geometric mean of the speedups: **{geomean(speedups):.2f}x** over {len(speedups)} cases"
-                + (f" ({geomean(kernel):.2f}x over the {len(kernel)} run by persistrnn's kernels)" if kernel else
-                   " (none ran persistrnn's kernels)") + ".", ""]
+        kernel = [d["speedup"] for c, d in zip(cases, summaries) if compared(c)]
+        both = len(cases) - len(kernel)
+        out += ["", (f"Geometric mean of the speedups: **{geomean(kernel):.2f}x** over {len(kernel)} cases run by "
+                     "persistrnn's kernels" if kernel else "No case of this mode ran persistrnn's kernels")
+                + (f"; {both} ran torch.nn on both sides (no kernel config) and are not counted" if both else "")
+                + ".", ""]
         for name in plots.get(mode, []):
             out.append(f"![{name}]({name})")
         out.append("")
@@ -149,7 +206,8 @@ def markdown(results, plots):
             ours, ref = d["us_per_step"]["persistrnn"], d["us_per_step"]["torch.nn"]
             out.append(f"| {c['mode']} | {c['cell']} | {c['dtype']} | {c['batch']} | {c['hidden']} | {ours:.2f} | "
                        f"{ref:.2f} | {ours / floor['us_per_step']:.2f} |")
-    out += ["", "![us per step](us_per_step.png)", "", "## Memory", "",
+    out += ["", "![us per step](us_per_step.png)" if any(_is_single(c) for c in results["cases"]) else
+            "(no single-layer case measured)", "", "## Memory", "",
             "Peak bytes allocated by torch's caching allocator during one call (forward) or one training step, "
             "above what was allocated before it.", "",
             "| mode | cell | dtype | B | H | layers | persistrnn MiB | torch.nn MiB | persistrnn / torch.nn |",
@@ -239,7 +297,7 @@ def plot_speedup_heatmap(results, mode, cell, path):
     for k, dtype in enumerate(dtypes):
         grid = np.full((len(batches), len(hiddens)), np.nan)
         for c in cases:
-            if c["dtype"] == dtype:
+            if c["dtype"] == dtype and compared(c):  # a blank cell: torch.nn on both sides
                 grid[batches.index(c["batch"]), hiddens.index(c["hidden"])] = summarize(c)["speedup"]
         ax = axes[0][k]
         image = ax.imshow(np.log2(grid), cmap="RdYlGn", vmin=-2, vmax=2, aspect="auto")
@@ -310,16 +368,20 @@ def pyperf_suite(results, mode, path):
 
 
 def render(results, out):
-    """Write out/report.md, out/results.json, the PNGs and out/<mode>.pyperf.json; returns the file names."""
+    """Write out/report.md, out/results.json, the PNGs and, where pyperf is installed,
+    out/<mode>.pyperf.json; returns the file names."""
     _check_out(results, out)
     os.makedirs(out, exist_ok=True)
     files, plots = ["report.md", "results.json"], {}
+    suites = [] if have_pyperf() else None
     for mode in MODES:
         if not any(c["mode"] == mode for c in results["cases"]):
             continue
-        suite = f"{mode}.pyperf.json"
-        pyperf_suite(results, mode, os.path.join(out, suite))
-        files.append(suite)
+        if suites is not None:
+            suite = f"{mode}.pyperf.json"
+            pyperf_suite(results, mode, os.path.join(out, suite))
+            files.append(suite)
+            suites.append(suite)
         plots[mode] = []
         if _single(results, mode):
             plots[mode].append(f"time_vs_hidden_{mode}.png")
@@ -327,12 +389,14 @@ def render(results, out):
             for cell in _values(_single(results, mode), "cell"):
                 plots[mode].append(f"speedup_{cell}_{mode}.png")
                 plot_speedup_heatmap(results, mode, cell, os.path.join(out, plots[mode][-1]))
-    plot_us_per_step(results, os.path.join(out, "us_per_step.png"), results.get("floor", FLOOR)["us_per_step"])
-    files += [p for ps in plots.values() for p in ps] + ["us_per_step.png"]
+    files += [p for ps in plots.values() for p in ps]
+    if any(_is_single(c) for c in results["cases"]):
+        plot_us_per_step(results, os.path.join(out, "us_per_step.png"), results.get("floor", FLOOR)["us_per_step"])
+        files.append("us_per_step.png")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(markdown(results, plots))
+        f.write(markdown(results, plots, suites))
     return files
 
 
@@ -405,9 +469,10 @@ def main(argv=None):
         p.error("give one RESULTS_JSON, or --compare A_JSON B_JSON")
     try:
         import matplotlib  # noqa: F401
-        import pyperf  # noqa: F401
     except ImportError as exc:
         p.error(f"{exc.name} is missing: pip install 'persistrnn[bench]'")
+    if args.results and not have_pyperf():
+        print("persistrnn report: pyperf is not installed: the pyperf suites are skipped", file=sys.stderr)
     try:
         if args.compare:
             out = args.out or "bench-compare"

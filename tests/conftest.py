@@ -1,5 +1,8 @@
-"""Shared helpers: fresh random seeds, layer pairs (ours vs torch.nn in float64), tolerances."""
+"""Shared helpers: fresh random seeds, layer pairs (ours vs torch.nn in float64), tolerances; GPU
+tests skipped without CUDA, and each given a timeout (PERSISTRNN_GPU_TEST_TIMEOUT)."""
+import faulthandler
 import os
+import threading
 
 import pytest
 import torch
@@ -102,3 +105,61 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- a timeout per GPU test ----
+# A GPU test that hangs (a kernel that never ends, a host wait on it) must not take the whole run
+# with it. Past the timeout its name and every thread's traceback are written to the terminal's
+# stderr and the process exits: under pytest-xdist the worker dies and is replaced, and the run goes
+# on (-v names the test); without xdist the run ends there. No pytest-timeout needed.
+GPU_TIMEOUT_ENV = "PERSISTRNN_GPU_TEST_TIMEOUT"
+GPU_TIMEOUT_S = 120.0
+# faulthandler's own watchdog (a C thread, no GIL needed) fires this much later, should the timer
+# thread never get the GIL (a C call holding it): then only the tracebacks are written
+BACKSTOP_S = 10.0
+_stderr_fd = []  # the terminal's stderr, duplicated before any test's output capture
+
+
+def gpu_test_timeout():
+    """Seconds a `gpu`-marked test may run, setup to teardown: $PERSISTRNN_GPU_TEST_TIMEOUT (default
+    120; 0 or less: no timeout)."""
+    value = os.environ.get(GPU_TIMEOUT_ENV, "").strip()
+    try:
+        return float(value) if value else GPU_TIMEOUT_S
+    except ValueError:
+        raise pytest.UsageError(f"{GPU_TIMEOUT_ENV}={value!r}: expected seconds") from None
+
+
+def pytest_configure(config):
+    _stderr_fd.append(os.dup(2))
+
+
+def pytest_unconfigure(config):
+    while _stderr_fd:
+        os.close(_stderr_fd.pop())
+
+
+def _timed_out(nodeid, seconds, fd):
+    os.write(fd, f"\n+++ TIMEOUT: {nodeid} ran past {seconds:g} s ({GPU_TIMEOUT_ENV}); the tracebacks of its "
+                 f"threads follow, then the process exits +++\n".encode())
+    faulthandler.dump_traceback(file=fd, all_threads=True)
+    os._exit(1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Arm the timeout around a `gpu`-marked test that runs (not one skipped), disarm it after."""
+    seconds = gpu_test_timeout() if "gpu" in item.keywords and not item.get_closest_marker("skip") else 0
+    if seconds <= 0 or not _stderr_fd:
+        yield
+        return
+    fd = _stderr_fd[-1]
+    timer = threading.Timer(seconds, _timed_out, (item.nodeid, seconds, fd))
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(seconds + BACKSTOP_S, exit=True, file=fd)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        timer.cancel()

@@ -27,18 +27,40 @@ def _pair(cell, hidden, dtype, kwargs):
     return ours.eval(), ref.eval()
 
 
-def _expected_config(layer, x, pass_="forward"):
-    """The config the planner's tables give for this layer and input on this GPU (None: torch)."""
-    device = x.device
+# an SM count no device has: what the planner gives where the SMs never limit the grid
+UNLIMITED_SMS = 1 << 20
+
+
+def _sms():
+    return dispatch.device_sms(torch.device("cuda", torch.cuda.current_device()))
+
+
+def _plan(cell, dtype, hidden, batch, directions, pass_="forward", proj_size=0, sms=None):
+    """(config, waves, why): what the planner's static tables give a layer on this GPU (or on `sms`
+    SMs): the config or None (then why), and its launches (dispatch.launch_waves)."""
+    device = torch.device("cuda", torch.cuda.current_device())
     target = dispatch.target_of(device)
     if target is None:
-        return None
-    batch = x.shape[0] if layer.batch_first else x.shape[1]
-    config, _ = dispatch.kernel_config(layer._cell, x.dtype, layer.hidden_size, layer.proj_size, batch,
-                                       2 if layer.bidirectional else 1,
-                                       torch.cuda.get_device_properties(device).multi_processor_count, target,
-                                       pass_)
+        return None, None, f"no kernel tables for {torch.cuda.get_device_name(device)}"
+    sms = sms or _sms()
+    config, why = dispatch.kernel_config(cell, dtype, hidden, proj_size, batch, directions, sms, target, pass_)
+    return config, config and dispatch.launch_waves(config, batch, hidden, directions, sms), why
+
+
+def _skip_if_the_sms_are_too_few(cell, dtype, hidden, batch, directions, pass_="forward", proj_size=0):
+    """Skip where this GPU's SMs are too few for the planner to give the layer a kernel config that a
+    device with more SMs gets (one batch tile's SPLIT programs must all be resident at once)."""
+    config, _, why = _plan(cell, dtype, hidden, batch, directions, pass_, proj_size)
+    if config is None and _plan(cell, dtype, hidden, batch, directions, pass_, proj_size, UNLIMITED_SMS)[0]:
+        pytest.skip(f"{pass_} pass on {_sms()} SMs: {why}")
     return config
+
+
+def _expected_config(layer, x, pass_="forward"):
+    """The config the planner's tables give for this layer and input on this GPU (None: torch)."""
+    batch = x.shape[0] if layer.batch_first else x.shape[1]
+    return _plan(layer._cell, x.dtype, layer.hidden_size, batch, 2 if layer.bidirectional else 1, pass_,
+                 layer.proj_size)[0]
 
 
 def _outputs(result):
@@ -80,9 +102,10 @@ def test_packed_matches_cudnn(cell):
 def test_split_tier_matches_cudnn(cell, hidden, kwargs, dtype):
     ours, ref = _pair(cell, hidden, dtype, kwargs)
     x = torch.randn(64, 16, 64, device="cuda", dtype=dtype)
-    expected = _expected_config(ours, x)
+    directions = 2 if kwargs.get("bidirectional") else 1
+    expected = _skip_if_the_sms_are_too_few(cell, dtype, hidden, 16, directions, proj_size=kwargs.get("proj_size", 0))
     if torch.cuda.get_device_capability()[0] >= 9:
-        assert expected is not None and expected.block_h < hidden, "H100/H200 tables hold these in the split tier"
+        assert expected is not None and expected.block_h < hidden, "the sm_90 tables hold these in the split tier"
     with torch.no_grad(), persistrnn.backend("triton"):
         got, want = _outputs(ours(x)), _outputs(ref(x))
     assert ours.last_dispatch.path == ("triton" if expected else "torch"), ours.last_dispatch
@@ -94,6 +117,8 @@ def test_split_tier_matches_cudnn(cell, hidden, kwargs, dtype):
 def test_impossible_config_raises_instead_of_hanging():
     """One batch tile's programs must all be resident: SPLIT = 256 programs of 16 units (H = 4096)
     exceed any GPU's SMs, and a pinned config that asks for it raises before launching."""
+    if _sms() >= 4096 // 16:
+        pytest.skip(f"{_sms()} SMs hold the 256 programs")
     ours, _ = _pair("lstm", 4096, torch.float16, {})
     x = torch.randn(2, 16, 64, device="cuda", dtype=torch.float16)
     with torch.no_grad(), persistrnn.backend("triton"), persistrnn.pin_config(block_h=16):
@@ -108,6 +133,13 @@ def test_grid_larger_than_the_sms_runs_in_launches(cell, dtype, hidden, batch):
     as several launches, forward and training, and match cuDNN."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("sized for the sm_90 tables")
+    for pass_ in ("forward", "train"):
+        _skip_if_the_sms_are_too_few(cell, dtype, hidden, batch, 2, pass_)
+        config, waves, why = _plan(cell, dtype, hidden, batch, 2, pass_)
+        assert config is not None, why
+        if len(waves) == 1:
+            pytest.skip(f"{pass_} pass: the grid of {dispatch.programs(config, batch, hidden, 2)} programs "
+                        f"({config}) fits on {_sms()} SMs at once: one launch")
     ours, ref = _pair(cell, hidden, dtype, dict(bidirectional=True))
     x = torch.randn(16, batch, 64, device="cuda", dtype=dtype)
     with torch.no_grad(), persistrnn.backend("triton"):
@@ -129,6 +161,8 @@ def test_barrier_timeout_raises_on_the_gpu(monkeypatch):
     """With no polls allowed, 32 programs cannot all meet at every one of 256 steps: the kernel
     must flag it and the host raise."""
     import persistrnn.kernels.skeleton as skeleton
+    if _sms() < 512 // 16:
+        pytest.skip(f"the 32 programs of a batch tile do not fit on {_sms()} SMs at once")
     monkeypatch.setitem(skeleton.MAX_SPIN, "compiled", 0)
     ours, _ = _pair("gru", 512, torch.float16, {})
     x = torch.randn(256, 16, 64, device="cuda", dtype=torch.float16)
@@ -184,6 +218,7 @@ def test_gradients_match_cudnn(cell, hidden, kwargs, dtype):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_packed_gradients_match_cudnn(cell, hidden):
     """Per-row lengths in both directions, single program (64) and split tier (512 on sm_90)."""
+    expected = _skip_if_the_sms_are_too_few(cell, torch.float16, hidden, 4, 2, "train")
     ours, ref = _pair(cell, hidden, torch.float16, dict(bidirectional=True))
     ours.train(), ref.train()
     seqs = [torch.randn(n, 64, device="cuda", dtype=torch.float16) for n in (50, 7, 33, 1)]
@@ -195,7 +230,7 @@ def test_packed_gradients_match_cudnn(cell, hidden):
         torch.manual_seed(0)
         loss = (out.data * torch.randn_like(out.data)).sum()
         grads[name] = torch.autograd.grad(loss, data + list(layer.parameters()))
-    assert ours.last_dispatch.path == "triton", ours.last_dispatch
+    assert ours.last_dispatch.path == "triton" and ours.last_dispatch.config == expected, ours.last_dispatch
     if hidden == 512 and torch.cuda.get_device_capability()[0] >= 9:
         assert ours.last_dispatch.config.block_h < hidden
     for g, w in zip(grads["ours"], grads["ref"]):
@@ -204,9 +239,15 @@ def test_packed_gradients_match_cudnn(cell, hidden):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_batch_64_at_h1024_bidirectional_runs_the_kernels_in_both_passes(cell):
-    """One batch tile of 64 rows, SPLIT = 64, both directions: 128 programs on an H100/H200."""
+    """One batch tile of 64 rows, SPLIT = 64, both directions: 128 programs, at once on 132 SMs, in
+    two launches (a direction each) on fewer."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the sm_80 tables do not hold this grid")
+    for pass_ in ("forward", "train"):
+        _skip_if_the_sms_are_too_few(cell, torch.float16, 1024, 64, 2, pass_)
+    forward, _, _ = _plan(cell, torch.float16, 1024, 64, 2)
+    if forward.block_b != 64:
+        pytest.skip(f"on {_sms()} SMs the planner runs this layer in batch tiles of {forward.block_b} rows ({forward})")
     ours, ref = _pair(cell, 1024, torch.float16, dict(bidirectional=True))
     x = torch.randn(32, 64, 64, device="cuda", dtype=torch.float16)
     with torch.no_grad(), persistrnn.backend("triton"):
@@ -230,6 +271,7 @@ def test_fast_math_accuracy_against_float64(cell, dtype):
     """tanh.approx in the compiled cells: ours (fp16/bf16) and cuDNN in the same dtype, each
     against torch.nn in float64 with the same weights; ours within the dtype's tolerance. The
     errors are printed for the report (pytest -rA shows them)."""
+    _skip_if_the_sms_are_too_few(cell, dtype, 768, 16, 1)
     ours, ref = _pair(cell, 768, dtype, {})
     ref64 = (nn.LSTM if cell == "lstm" else nn.GRU)(64, 768, device="cuda", dtype=torch.float64)
     ref64.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
@@ -284,10 +326,15 @@ def test_cuda_graph_capture_of_forward_and_training_step(cell, hidden, block_h):
     with persistrnn.backend("triton"), pin:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: compiles, allocates the grads
+        # warm-up off the capture, of every pass captured below (each is its own kernel, compiled and its
+        # module loaded at its first launch, which a capture does not permit); allocates the grads too
+        with torch.cuda.stream(side):
             for _ in range(2):
                 step(model, optimizer, static_x)
                 step(eager, eager_optimizer, static_x)
+                with torch.no_grad():
+                    model(static_x)
+                    eager(static_x)
         torch.cuda.current_stream().wait_stream(side)
         eager.load_state_dict(model.state_dict())
         graph = torch.cuda.CUDAGraph()

@@ -323,3 +323,93 @@ def test_tune_without_a_gpu_says_so(capsys):
     assert cli.main(["tune"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no CUDA GPU" in err and "--static" in err
+
+
+# --- the static precompile: each distinct kernel compiled once --------------------------------
+
+@pytest.fixture
+def fake_compiler(monkeypatch):
+    """aot's compiler replaced by a recorder (no ptxas): every kernel compiles, on-chip except the
+    backward kernel with 4 warps, which spills. Returns the list of compiles made."""
+    import types
+
+    from persistrnn.autotune import aot
+    from persistrnn.autotune import inspect as inspect_module
+    calls = []
+
+    def compile_kernel(kernel, cell, dtype, has_proj, config, shape, target, allow_tf32, dir0=0):
+        assert config.backward_warps is None  # a kernel is compiled with its own warps only
+        calls.append((kernel, cell, dtype, has_proj, config, shape, target, allow_tf32, dir0))
+        return types.SimpleNamespace(asm={"cubin": b""}, spills=kernel == "backward" and config.num_warps == 4,
+                                     warps=config.num_warps)
+
+    monkeypatch.setattr(aot, "_compiled", {})
+    monkeypatch.setattr(aot, "compile_kernel", compile_kernel)
+    monkeypatch.setattr(aot, "resources_of", lambda compiled, target: aot.Resources(
+        regs=100 + compiled.warps, stack=64 if compiled.spills else 0, local=0, shared=1024, smem_limit=227 * 1024))
+    monkeypatch.setattr(inspect_module, "loop_mix", lambda cubin: {"instructions": 100})
+    return calls
+
+
+def test_static_ranking_compiles_each_distinct_kernel_once(fake_compiler):
+    """A train config is two kernels, each compiled with its own warps: the configs that differ only
+    in the other kernel's warps share a compile, so the space of 4 warp pairs per block compiles 2
+    forward and 2 backward kernels, not 8; and what an earlier query compiled is not compiled
+    again."""
+    layer = Layer("gru", torch.float16, "train", 64, batch=16)
+    kept, _ = space.cheap_prune(layer, space.config_space(layer), "sm_90", 132)
+    distinct = {(kernel, c.block_b, c.block_h, c.warps("backward" if kernel == "backward" else "forward"))
+                for c in kept for kernel in ("forward_save", "backward")}
+    assert len(distinct) == len(kept) < 2 * len(kept)  # 4 warp pairs per block: 2 + 2 kernels
+    ranked, dropped = space.static_rank(layer, "sm_90", workers=1)
+    assert len(fake_compiler) == len(set(fake_compiler)) == len(distinct)
+    compiled = {(k, config.block_b, config.block_h, config.num_warps) for k, _, _, _, config, *_ in fake_compiler}
+    assert compiled == distinct
+    # the worse of the two kernels decides: a 4-warp backward spills, whatever the forward's warps
+    assert {c.backward_warps for c, _ in ranked} == {8} and len(ranked) == len(kept) // 2
+    assert {why for c, why in dropped} == {"backward: spills"}
+    assert all(set(row["kernels"]) == {"forward_save", "backward"} for _, row in ranked)
+    # nothing is compiled twice in a process
+    space.static_rank(layer, "sm_90", workers=1)
+    assert len(fake_compiler) == len(distinct)
+    assert len(space.compile_requests([layer], "sm_90")[0]) == len(distinct)
+
+
+def test_a_train_query_is_the_worse_of_two_cached_kernels(fake_compiler):
+    from persistrnn.autotune import aot
+    config = KernelConfig(16, 16, 8, backward_warps=4)
+    forward = aot.kernel_resources("lstm", torch.bfloat16, False, config, 256, "sm_90", 16, "forward_save")
+    backward = aot.kernel_resources("lstm", torch.bfloat16, False, config, 256, "sm_90", 16, "backward")
+    assert forward.on_chip and not backward.on_chip and len(fake_compiler) == 2
+    train = aot.kernel_resources("lstm", torch.bfloat16, False, config, 256, "sm_90", 16, "train")
+    assert len(fake_compiler) == 2  # both kernels cached
+    assert train == aot.worst([forward, backward]) and (train.regs, train.stack) == (108, 64)
+    # another train config sharing the forward kernel (num_warps 8) compiles only its backward
+    aot.kernel_resources("lstm", torch.bfloat16, False, KernelConfig(16, 16, 8, backward_warps=8), 256, "sm_90", 16,
+                         "train")
+    assert len(fake_compiler) == 3 and fake_compiler[-1][0] == "backward"
+    # prefetch of pass queries compiles each distinct kernel once, too
+    aot.prefetch([("gru", torch.float16, False, KernelConfig(16, 16, w, backward_warps=b), 64, "sm_90", 4, "train")
+                  for w in (4, 8) for b in (4, 8)], workers=1)
+    assert len(fake_compiler) == 3 + 4
+
+
+def test_the_static_cli_counts_compiles_not_configs(fake_compiler, capsys, monkeypatch):
+    from persistrnn.autotune import tune as tune_module
+    totals = []
+    real = tune_module.static_report
+
+    def report(layers, target, **kwargs):
+        progress = kwargs["progress"]
+        ticks = []
+        kwargs["progress"] = lambda: (ticks.append(1), progress())
+        out = real(layers, target, **kwargs)
+        totals.append(len(ticks))
+        return out
+    monkeypatch.setattr(tune_module, "static_report", report)
+    argv = ["tune", "--static", "--target", "sm_90", "--cell", "lstm", "gru", "--dtype", "float16", "--hidden", "64",
+            "--batch", "16", "--pass", "both", "--json", "--workers", "1"]
+    assert cli.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4 and all(row["survivors"] > 0 for row in rows)
+    assert totals == [len(fake_compiler)] == [len(set(fake_compiler))]
