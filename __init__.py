@@ -5,8 +5,9 @@ from persistrnn.layers.check import check
 from persistrnn.layers.convert import convert
 from persistrnn.layers.dispatch import pin_config
 from persistrnn.layers.rnn import GRU, LSTM
-from persistrnn.kernels.skeleton import BarrierTimeout, LaunchRefused, raise_if_failed
+from persistrnn.kernels.exchange import BarrierTimeout, raise_if_failed
+from persistrnn.kernels.launcher import LaunchRefused
+from persistrnn.version import __version__
 
 __all__ = ["LSTM", "GRU", "convert", "check", "backend", "current_backend", "pin_config", "raise_if_failed",
            "BarrierTimeout", "LaunchRefused"]
-__version__ = "0.1.0"

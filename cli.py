@@ -7,8 +7,7 @@ import time
 
 import torch
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-          "float64": torch.float64}
+from persistrnn.configs import DTYPE_BY_NAME as DTYPES
 
 
 def _print_table(rows, columns):
@@ -112,7 +111,7 @@ def cmd_check(args):
 
 def cmd_capacity(args):
     """Largest hidden size each cell/dtype holds on-chip on a target (ahead-of-time compile)."""
-    from persistrnn.autotune.aot import TARGETS
+    from persistrnn.configs import TARGETS
     from persistrnn.autotune.capacity import COVERAGE, capacity_table, coverage
     if args.coverage:
         report = coverage(args.target)

@@ -15,9 +15,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-import re
-import subprocess
-import tempfile
 
 import torch
 import triton
@@ -25,20 +22,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from ..kernels.backward import _rnn_backward_kernel
-from ..kernels.forward import SAVED, _rnn_forward_kernel
-from ..kernels.skeleton import MAX_SPIN, KernelConfig, kernel_constexprs, state_dtype
-
-PASSES = ("forward", "train")
-# the kernels of a pass, and the single kernels a search may ask about on their own
-KERNELS = {"forward": ("forward",), "train": ("forward_save", "backward"), "forward_save": ("forward_save",),
-           "backward": ("backward",)}
-
-# per target: compute capability, SM count, shared memory per block (bytes)
-TARGETS = {
-    "sm_80": dict(capability=80, sms=108, smem=163 * 1024),  # A100
-    "sm_90": dict(capability=90, sms=132, smem=227 * 1024),  # H100
-}
+from ..configs import KERNELS, TARGETS
+from ..kernels.backward import _rnn_backward_kernel, backward_arguments
+from ..kernels.config import KernelConfig, state_dtype
+from ..kernels.exchange import MAX_SPIN
+from ..kernels.forward import SAVED, _rnn_forward_kernel, forward_arguments
+from .sass import loop_mix, resource_usage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,27 +42,6 @@ class Resources:
     @property
     def on_chip(self):
         return not self.failed and self.stack == 0 and self.local == 0 and self.shared <= self.smem_limit
-
-
-def _cuobjdump():
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-def _cuobjdump_run(cubin: bytes, *flags):
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([_cuobjdump(), *flags, f.name], capture_output=True, text=True, check=True).stdout
-
-
-def resource_usage(cubin: bytes):
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", _cuobjdump_run(cubin, "--dump-resource-usage")))
-    return {k: int(v) for k, v in fields.items()}
-
-
-def disassemble(cubin: bytes):
-    """The SASS of a cubin, as `cuobjdump -sass` prints it."""
-    return _cuobjdump_run(cubin, "-sass")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +99,6 @@ def _compile_one(key, mix=False):
     res = resources_of(compiled, key.target)
     if not (mix and res.on_chip):
         return Compiled(res)
-    from .inspect import loop_mix
     return Compiled(res, mix_read=True, mix=loop_mix(compiled.asm["cubin"]))
 
 
@@ -210,48 +177,55 @@ def resources_of(compiled, target):
                      shared=compiled.metadata.shared, smem_limit=TARGETS[target]["smem"])
 
 
-def compile_kernel(kernel, cell, dtype, has_proj, config, shape, target, allow_tf32, dir0=0):
-    """Compile one kernel ("forward", "forward_save": the forward with SAVE, or "backward") of a
-    layer of shape (H, R, B, D) for `target`, exactly as rnn_forward / rnn_backward would launch it."""
+def kernel_arguments(kernel, cell, dtype, has_proj, config, shape, dir0=0, *, allow_tf32, interpret=False, T=16):
+    """(kernel function, grid, args, constexprs) of one launch of a kernel ("forward", "forward_save" or
+    "backward") on a layer of shape (H, R, B, D) with empty tensors, from the launchers' own argument
+    builders (kernels/forward.py: forward_arguments, kernels/backward.py: backward_arguments)."""
     G = 4 if cell == "lstm" else 3
     H, R, B, D = shape
-    T = 16
-    split = -(-H // config.block_h)
     make = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt)  # noqa: E731
     xproj, y = make(T, B, D * G * H), make(T, B, D * R)
     w_hh, h0, c0 = make(D, G * H, R), make(D, B, R), make(D, B, H)
-    w_hr = make(D, R, H) if has_proj else w_hh
+    w_hr = make(D, R, H) if has_proj else None
+    lengths = make(B, dt=torch.int32)
     saved = make(T, B, D, SAVED[cell], H, dt=state_dtype(dtype))
-    ints = make(max(B, 2), dt=torch.int32)
-    # dir0: the launch's first direction (skeleton.py, "waves"); 0 unless it runs the reverse one alone
-    constexprs = dict(kernel_constexprs(cell, dtype, has_proj, split, config, R, interpret=False, allow_tf32=allow_tf32),
-                      DIR0=dir0)
-    grid_b = -(-B // config.block_b)
+    c0 = c0 if cell == "lstm" else None
+    # dir0: the launch's first direction (kernels/launcher.py, "waves"); 0 unless it runs the reverse one alone
+    wave = (0, triton.cdiv(B, config.block_b), dir0, D - dir0)
+    common = dict(config=config, interpret=interpret, allow_tf32=allow_tf32, wave=wave,
+                  max_spin=MAX_SPIN["interpret" if interpret else "compiled"])
     if kernel == "backward":
-        rows = R
-        xbuf = make(2, D, grid_b, split, rows, config.block_b, dt=state_dtype(dtype))
-        args = (y, h0, c0, saved, y, h0, c0, w_hh, w_hr, ints, xproj, y if has_proj else xproj, h0, c0, xbuf, ints,
-                ints, T, B, H, R, rows, MAX_SPIN["compiled"], y.stride(0), y.stride(1), saved.stride(0),
-                saved.stride(1), y.stride(0), y.stride(1), xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1))
-        jit_fn = _rnn_backward_kernel
-    else:
-        rows = R if has_proj else split * config.block_h
-        xbuf = make(2, D, grid_b, split if has_proj else 1, rows, config.block_b,
-                    dt=state_dtype(dtype) if has_proj else dtype)
-        save = kernel == "forward_save"
-        args = (xproj, w_hh, make(D, H), w_hr, h0, c0, ints, y, h0, c0, saved if save else ints, xbuf, ints, ints,
-                T, B, H, R, rows, MAX_SPIN["compiled"], xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1),
-                saved.stride(0) if save else 0, saved.stride(1) if save else 0)
-        constexprs["SAVE"] = save
-        jit_fn = _rnn_forward_kernel
-    # triton 3.6's own argument binding and specialization, as JITFunction.run does it
+        dgates, dh_all = make(T, B, D * G * H), (make(T, B, D * R) if has_proj else None)
+        grid, args, constexprs = backward_arguments(cell, y, h0, c0, saved, y, h0, c0, w_hh, w_hr, lengths, dgates,
+                                                    dh_all, make(D, B, R), None if c0 is None else make(D, B, H),
+                                                    **common)
+        return _rnn_backward_kernel, grid, args, constexprs
+    b_hn = make(D, H) if cell == "gru" else None
+    grid, args, constexprs = forward_arguments(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, make(D, B, R),
+                                               None if c0 is None else make(D, B, H),
+                                               saved if kernel == "forward_save" else None, **common)
+    return _rnn_forward_kernel, grid, args, constexprs
+
+
+def bind(jit_fn, args, constexprs, *, config, kernel, target):
+    """triton 3.6's own argument binding and specialization of a launch, as JITFunction.run does it:
+    (backend, options, signature, constexprs, attrs)."""
     capability = TARGETS[target]["capability"]
     backend = make_backend(GPUTarget("cuda", capability, 32))
     binder = create_function_from_signature(jit_fn.signature, jit_fn.params, backend)
     kwargs = dict(constexprs, num_warps=config.warps("backward" if kernel == "backward" else "forward"),
-                  num_stages=config.num_stages,
-                  launch_cooperative_grid=split > 1, debug=False)
+                  num_stages=config.num_stages, launch_cooperative_grid=constexprs["SPLIT"] > 1, debug=False)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound, specialization, options)
+    return options, signature, constexprs, attrs
+
+
+def compile_kernel(kernel, cell, dtype, has_proj, config, shape, target, allow_tf32, dir0=0):
+    """Compile one kernel ("forward", "forward_save": the forward with SAVE, or "backward") of a
+    layer of shape (H, R, B, D) for `target`, exactly as rnn_forward / rnn_backward would launch it."""
+    jit_fn, _, args, constexprs = kernel_arguments(kernel, cell, dtype, has_proj, config, shape, dir0,
+                                                   allow_tf32=allow_tf32)
+    options, signature, constexprs, attrs = bind(jit_fn, args, constexprs, config=config, kernel=kernel, target=target)
+    capability = TARGETS[target]["capability"]
     return triton.compile(ASTSource(jit_fn, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
                           options=options.__dict__)

@@ -9,7 +9,7 @@ their per-step cost.
 Where. The user's tables live in `$PERSISTRNN_CACHE_DIR` (default `~/.cache/persistrnn`), as
 `<device>.json`. Tables for devices the project measured ship in the package, in
 `autotune/configs/<device>.json`. The planner looks in the user's table first, then the shipped
-one, then falls back to the static tables (autotune/tables.py).
+one, then falls back to the static tables (autotune/configs/static, configs.py).
 
 Safety. Writes take a file lock, re-read the file and merge, write a temporary file and rename it
 over the old one: two tuners at once lose nothing, and a reader never sees half a file. A file
@@ -26,6 +26,9 @@ import filelock
 import torch
 import triton
 
+from ..configs import dtype_name
+from ..version import __version__
+
 FORMAT = 1
 SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "configs")
 # the device key of the Triton interpreter on CPU (`persistrnn tune --backend interpret`)
@@ -39,7 +42,6 @@ def cache_dir():
 def device_key(device, sms=None):
     """What identifies a device's measurements. `device` is a torch.device; a CPU device stands for
     the interpreter (timed by wall clock, so its tables only ever serve the interpreter)."""
-    from .. import __version__
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         name, capability, sms = props.name, f"{props.major}.{props.minor}", props.multi_processor_count
@@ -59,8 +61,7 @@ def batch_bucket(batch):
 
 
 def layer_key(cell, dtype, pass_, hidden_size, proj_size, num_directions, batch):
-    dtype = str(dtype).replace("torch.", "")
-    return (f"{cell}|{dtype}|{pass_}|hidden={hidden_size}|proj={proj_size}|directions={num_directions}"
+    return (f"{cell}|{dtype_name(dtype)}|{pass_}|hidden={hidden_size}|proj={proj_size}|directions={num_directions}"
             f"|batch<={batch_bucket(batch)}")
 
 
@@ -150,10 +151,8 @@ def entries_at(path, key):
     return cached[1]
 
 
-def lookup(key, layer):
-    """(entry, source, path) from the user's table, else the shipped one; (None, None, None)."""
-    for source, path in (("tuned", table_path(key)), ("shipped", shipped_path(key))):
-        entry = entries_at(path, key).get(layer)
-        if entry is not None:
-            return entry, source, path
-    return None, None, None
+def table_entry(key, layer, source):
+    """(entry, path) of a layer in the device's "tuned" table (the user's) or "shipped" one (the
+    package's); (None, path) where it has none."""
+    path = table_path(key) if source == "tuned" else shipped_path(key)
+    return entries_at(path, key).get(layer), path

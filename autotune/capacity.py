@@ -10,41 +10,37 @@ variant (for the LSTM: with every proj_size up to the block too).
 Split tier (SPLIT = cdiv(H, BLOCK_H) programs per batch tile): for each batch tile (16, 32, 64 rows)
 and BLOCK_H, the widths of the recurrent input (hidden or proj size) it holds, among all WIDTHS
 whose weights fit in shared memory. The kernels multiply exactly R columns (K-chunks,
-skeleton.py), so a width is held as compiled: the planner picks the smallest table width >= R.
+kernels/config.py), so a width is held as compiled: the planner picks the smallest table width >= R.
 Batch tiles of 32 and 64 rows are searched with BLOCK_H = 16 only: they exist for batches whose
 tiles of 16 would not all be resident at once, where the smallest BLOCK_H is what fits.
 
     python -m persistrnn.autotune.capacity [--write]
 
-`--write` regenerates autotune/tables.py, the tables the planner uses at run time (about half an
-hour on 2 cores). float16 is searched on its own: its register use differs from bfloat16's (the
+`--write` regenerates autotune/configs/static/<target>.json, the static tables the planner reads
+(configs.py; about half an hour on 2 cores). float16 is searched on its own: its register use differs from bfloat16's (the
 GRU's train pass at width 512 spills in float16 only).
 """
 import argparse
 import concurrent.futures
+import json
 import os
-import pprint
+import re
+import subprocess
+import sys
 
 import torch
+import triton
 
-from ..kernels.skeleton import KernelConfig
-from .aot import PASSES, TARGETS, kernel_resources
+from ..configs import (BLOCK_B, CELLS, DTYPES, KERNELS, PASSES, SMALL_BLOCK_H, STATIC_DIR, TARGETS, dtype_name,
+                       kernel_config, launch_waves, static_tables, tables_to_json)
+from ..kernels.config import KernelConfig
+from .aot import kernel_resources
 
-CELLS = ("lstm", "gru")
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BLOCKS = (16, 32, 64, 128, 256)  # single-program BLOCK_H
-BLOCK_B = 16  # the single tier's batch tile
 WIDTHS = (32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 2048)  # split tier: recurrent input widths
 SPLIT_BLOCK_H = (16, 32, 64, 128)
 BATCH_TILES = (16, 32, 64)  # split tier: BLOCK_B
 NUM_WARPS = (4, 8)
-# fp32's fallback BLOCK_H, searched where 16 units are not held: a tile of 4 x 8 = 32 gate rows
-# (mma.sync). Only in the split tier without proj_size and not in fp64, where no MMA has K = BLOCK_H.
-SMALL_BLOCK_H = 8
-
-
-def dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
 
 
 def warp_order(block_h):
@@ -62,14 +58,6 @@ def weight_bytes(dtype, block_h, width, has_proj):
 
 def _fits_smem(dtype, block_h, width, has_proj, target):
     return weight_bytes(dtype, block_h, width, has_proj) <= TARGETS[target]["smem"]
-
-
-def table_config(block_b, block_h, held):
-    """The KernelConfig of a table entry: num_warps (forward pass), or (num_warps, backward_warps)
-    (train pass: the saving forward's and the backward's)."""
-    if isinstance(held, tuple):
-        return KernelConfig(block_b, block_h, held[0], backward_warps=held[1])
-    return KernelConfig(block_b, block_h, held)
 
 
 def held_warps(fits, block_h, pass_):
@@ -96,9 +84,8 @@ def _variants(cell, block_h):
 
 def single_keys(cell, dtype, block_h, target, warps=NUM_WARPS, pass_="forward"):
     """kernel_resources keys that block_warps may compile (for aot.prefetch)."""
-    kernels = ("forward",) if pass_ == "forward" else ("forward_save", "backward")
     return [(cell, dtype, p, KernelConfig(BLOCK_B, block_h, w), r, target, 1, k)
-            for r, p in _variants(cell, block_h) for w in warps for k in kernels
+            for r, p in _variants(cell, block_h) for w in warps for k in KERNELS[pass_]
             if _fits_smem(dtype, block_h, r, p, target)]
 
 
@@ -131,7 +118,7 @@ def single_program_blocks(cell, dtype, target, pass_="forward"):
 
 def split_programs(width, block_h, has_proj):
     """SPLIT of the layer a width is compiled for: H = width without proj_size, H = 4 * proj_size with it."""
-    return -(-(4 * width if has_proj else width) // block_h)
+    return triton.cdiv(4 * width if has_proj else width, block_h)
 
 
 def split_shapes(block_b):
@@ -141,9 +128,8 @@ def split_shapes(block_b):
 
 def split_keys(cell, dtype, has_proj, config, width, target, pass_):
     """kernel_resources keys of one split config (for aot.prefetch): one per kernel of the pass."""
-    kernels = ("forward",) if pass_ == "forward" else ("forward_save", "backward")
     return [(cell, dtype, has_proj, config, width, target, split_programs(width, config.block_h, has_proj), k)
-            for k in kernels]
+            for k in KERNELS[pass_]]
 
 
 def split_width_warps(cell, dtype, has_proj, block_b, block_h, width, target, pass_="forward"):
@@ -209,7 +195,7 @@ def _search(key):
 
 
 def shipped_tables(workers=None, dtypes=DTYPES, keep=None):
-    """What autotune/tables.py holds, per target and pass. One process per (cell, dtype, target,
+    """What the static tables hold (autotune/configs/static), per target and pass. One process per (cell, dtype, target,
     pass): each search is a chain of compiles. With `keep` (the current tables), only `dtypes`
     are searched again and every other entry is kept."""
     keys = [(cell, dtype, target, pass_) for target in TARGETS for pass_ in PASSES for cell in CELLS
@@ -234,9 +220,7 @@ def capacity_table(target="sm_90", passes=PASSES, tables=None):
     largest hidden size (no proj_size) the shipped tables hold for a batch of 16 rows and one
     direction within the target's SMs (in a batch tile of 16 rows or more), with the planner's
     config for it and what that config compiles to (registers, spill bytes, shared bytes)."""
-    from ..layers.dispatch import kernel_config
-    if tables is None:
-        from .tables import TABLES as tables
+    tables = tables or {target: static_tables(target)}
     rows = []
     sms = TARGETS[target]["sms"]
     for pass_ in passes:
@@ -246,14 +230,14 @@ def capacity_table(target="sm_90", passes=PASSES, tables=None):
                 single = table["single"].get((cell, dtype_name(dtype)), {})
                 hidden = max(single, default=0)
                 for width, tiles in table["split"].get((cell, dtype_name(dtype), False), {}).items():
-                    if any(-(-width // block_h) <= sms for blocks in tiles.values() for block_h in blocks):
+                    if any(triton.cdiv(width, block_h) <= sms for blocks in tiles.values() for block_h in blocks):
                         hidden = max(hidden, width)
                 config, _ = kernel_config(cell, dtype, hidden, 0, BLOCK_B, 1, sms, target, pass_, tables=tables) \
                     if hidden else (None, None)
                 row = {"cell": cell, "dtype": dtype_name(dtype), "pass": pass_, "target": target,
                        "max_hidden": hidden, "config": {}}
                 if config is not None:
-                    split = -(-hidden // config.block_h)
+                    split = triton.cdiv(hidden, config.block_h)
                     width = hidden if split > 1 else config.block_h
                     res = kernel_resources(cell, dtype, False, config, width, target, split, pass_)
                     row["config"] = dict(tier="split" if split > 1 else "single", block_b=config.block_b,
@@ -272,10 +256,9 @@ COVERAGE = dict(cells=CELLS, dtypes=DTYPES[:3], hidden=(64, 128, 256, 512, 768, 
 
 def coverage(target="sm_90", tables=None):
     """Which layers of the COVERAGE grid the planner runs on the kernels on `target` (static
-    tables, the target's SMs), and in how many launches (dispatch.launch_waves: one unless the
+    tables, the target's SMs), and in how many launches (configs.launch_waves: one unless the
     grid is larger than the SMs): {"rows": [{dtype, pass, H: fraction, ...}], "total": fraction,
     "layers": n, "kernel": n, "several_launches": n, "by_layer": [{..., "kernel", "launches"}]}."""
-    from ..layers.dispatch import kernel_config, launch_waves
     sms = TARGETS[target]["sms"]
     by_layer = []
     for dtype in COVERAGE["dtypes"]:
@@ -305,32 +288,46 @@ def coverage(target="sm_90", tables=None):
             "total": round(ran / len(by_layer), 3), "by_layer": by_layer}
 
 
+def ptxas_version():
+    """The version line of the ptxas bundled with triton, which the tables were compiled with."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    out = subprocess.run([ptxas, "--version"], capture_output=True, text=True, check=True).stdout
+    return re.findall(r"release [^\n]*", out)[-1]
+
+
+def write_tables(tables, command, directory=STATIC_DIR):
+    """Write each target's tables to `directory`/<target>.json, with the triton and ptxas versions and
+    the command that made them. Returns the paths."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for target, passes in tables.items():
+        record = dict(target=target, command=command, triton=triton.__version__, ptxas=ptxas_version())
+        path = os.path.join(directory, f"{target}.json")
+        with open(path, "w") as f:
+            json.dump(tables_to_json(passes, **record), f, indent=1)
+            f.write("\n")
+        paths.append(path)
+    return paths
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help="regenerate autotune/tables.py")
+    parser.add_argument("--write", action="store_true", help="regenerate autotune/configs/static/<target>.json")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--dtypes", nargs="+", choices=[dtype_name(d) for d in DTYPES], default=None,
                         help="search only these dtypes again; keep the current tables' other entries")
     args = parser.parse_args(argv)
     if args.dtypes:
-        from .tables import TABLES
         dtypes = [d for d in DTYPES if dtype_name(d) in args.dtypes]
-        tables = shipped_tables(args.workers, dtypes, keep=TABLES)
+        tables = shipped_tables(args.workers, dtypes, keep={t: static_tables(t) for t in TARGETS})
     else:
         tables = shipped_tables(args.workers)
-    text = f"TABLES = {pprint.pformat(tables, width=110)}\n"
     if args.write:
-        with open(os.path.join(os.path.dirname(__file__), "tables.py"), "w") as f:
-            f.write('"""Generated by `python -m persistrnn.autotune.capacity --write`: do not edit by hand.\n\n'
-                    "TABLES[target][pass]: pass 'forward' (inference) or 'train' (forward with SAVE + backward).\n"
-                    "TABLES[target][pass]['single'][(cell, dtype)] = {block_h: warps}: the blocks one program\n"
-                    "holds on-chip with a batch tile of 16 rows (every proj_size <= block_h too, for the LSTM).\n"
-                    "TABLES[target][pass]['split'][(cell, dtype, has_proj)] = {width: {block_b: {block_h: warps}}}:\n"
-                    "the split tier's configs held for a recurrent input (hidden or proj size) of that width.\n"
-                    "warps: num_warps (forward), or (num_warps, backward_warps) (train): capacity.table_config.\n"
-                    "tests/test_aot.py re-checks them.\n"
-                    '"""\n\n' + text)
-    print(text)
+        command = "python -m persistrnn.autotune.capacity " + " ".join(argv if argv is not None else sys.argv[1:])
+        for path in write_tables(tables, command.strip()):
+            print(path)
+    else:
+        print(json.dumps({t: tables_to_json(p) for t, p in tables.items()}, indent=1))
     return 0
 
 

@@ -5,13 +5,13 @@ below the hidden size (split tier) or the one block that holds it (single tier);
 8, and for the train pass the backward kernel's warps apart (4 or 8); num_stages 1 (the time loop
 is not software-pipelined: its K-chunks are unrolled and the next step's loads are issued by
 hand, so Triton's stages have nothing to pipeline). The kernels have no other variants: the
-speed issue's choices (K-chunks, fast math, the poll) follow from the dtype and shapes.
+other choices (K-chunks, fast math, the poll) follow from the dtype and shapes.
 
 Pruning, before any timing, in this order:
 1. weights over the target's shared memory (an estimate, to skip hopeless compiles);
 2. split configs whose SPLIT programs of one batch tile exceed the SMs: the barrier would wait
    for programs that never start (this check is a guarantee). A grid larger than the SMs but
-   with SPLIT <= SMs runs as several launches one after another (dispatch.launch_waves);
+   with SPLIT <= SMs runs as several launches one after another (configs.launch_waves);
 3. the ahead-of-time compile for the target (aot.py), in parallel processes: spills, shared
    memory over the limit, or a compiler error. The unit compiled is one kernel (aot.KernelKey),
    compiled once: train configs that differ only in the other kernel's warps share it.
@@ -28,9 +28,12 @@ every step). It ranks; it is not a time.
 import dataclasses
 
 import torch
+import triton
 
-from ..kernels.skeleton import KernelConfig
-from .aot import TARGETS, compile_kernels, kernel_key
+from ..configs import KERNELS, TARGETS, dtype_name, launch_waves, programs
+from ..kernels.config import KernelConfig
+from ..layers.backend import cudnn_rnn_allows_tf32
+from .aot import compile_kernels, kernel_key
 from .capacity import BATCH_TILES, NUM_WARPS, weight_bytes
 
 BARRIER_CYCLES = 1000
@@ -53,21 +56,19 @@ class Layer:
         return self.proj_size or self.hidden_size
 
     def split(self, config):
-        return -(-self.hidden_size // config.block_h)
+        return triton.cdiv(self.hidden_size, config.block_h)
 
     def programs(self, config):
-        from ..layers.dispatch import programs
         return programs(config, self.batch, self.hidden_size, self.num_directions)
 
     def launches(self, config, sms):
         """How many launches one after another the layer's grid takes on `sms` SMs (0: it cannot
         run there, one batch tile's SPLIT programs exceed the SMs)."""
-        from ..layers.dispatch import launch_waves
         return len(launch_waves(config, self.batch, self.hidden_size, self.num_directions, sms) or ())
 
     def describe(self):
         extra = (f" proj={self.proj_size}" if self.proj_size else "") + (" bidir" if self.num_directions == 2 else "")
-        return (f"{self.cell} {str(self.dtype).replace('torch.', '')} {self.pass_} H={self.hidden_size}{extra} "
+        return (f"{self.cell} {dtype_name(self.dtype)} {self.pass_} H={self.hidden_size}{extra} "
                 f"B={self.batch}")
 
 
@@ -96,13 +97,8 @@ def cheap_prune(layer, configs, target, sms):
     return kept, dropped
 
 
-def _kernels(pass_):
-    return ("forward",) if pass_ == "forward" else ("forward_save", "backward")
-
-
 def _tf32_modes(layer):
     """fp32's dot modes, the one torch's flag sets now first (its instructions are the ones counted)."""
-    from ..layers.functional import cudnn_rnn_allows_tf32
     tf32_now = cudnn_rnn_allows_tf32()
     return (tf32_now, not tf32_now) if layer.dtype == torch.float32 else (False,)
 
@@ -114,7 +110,7 @@ def kernel_keys(layer, config, target):
     modes = _tf32_modes(layer)
     keys = [(kernel, allow_tf32, kernel_key(kernel, layer.cell, layer.dtype, layer.proj_size > 0, config, shape,
                                             target, allow_tf32))
-            for kernel in _kernels(layer.pass_) for allow_tf32 in modes]
+            for kernel in KERNELS[layer.pass_] for allow_tf32 in modes]
     return keys, {key for _, allow_tf32, key in keys if allow_tf32 == modes[0]}
 
 
@@ -159,7 +155,7 @@ def compiled_cost(layer, config, target, compiled=None):
         warps = key.num_warps
         row["kernels"][kernel] = {"registers": res.regs, "spill_bytes": res.stack + res.local,
                                   "shared_bytes": res.shared, "instructions": steps, "num_warps": warps}
-        row["cost"] += steps * -(-warps // SCHEDULERS_PER_SM) + (BARRIER_CYCLES if layer.split(config) > 1 else 0)
+        row["cost"] += steps * triton.cdiv(warps, SCHEDULERS_PER_SM) + (BARRIER_CYCLES if layer.split(config) > 1 else 0)
     return row
 
 

@@ -22,7 +22,9 @@ import time
 
 import torch
 
-from ..kernels.skeleton import KernelConfig
+from ..configs import device_sms, target_of
+from ..kernels.config import KernelConfig
+from ..kernels.exchange import BarrierTimeout, raise_if_failed
 from . import cache
 from .aot import compile_kernels
 from .space import Layer, compile_requests, static_rank
@@ -103,8 +105,6 @@ def tune_layer(layer, device, *, seq=256, repeats=10, max_candidates=8, workers=
     """Tune one layer on `device` (a CUDA device, or CPU for the interpreter). Returns the table
     entry (also for the summary): choice, config, ms, torch_ms, and how it was obtained."""
     from ..layers.check import tolerance
-    from ..kernels.skeleton import raise_if_failed
-    from ..layers.dispatch import device_sms, target_of
     interpret = device.type != "cuda"
     backend = "interpret" if interpret else "triton"
     target = target_of(device) or "sm_90"
@@ -143,7 +143,9 @@ def tune_layer(layer, device, *, seq=256, repeats=10, max_candidates=8, workers=
         return dict(entry, choice=TORCH, config=None, ms=None, torch_ms=None,
                     why="every config that ran timed out at a barrier while timed")
     torch_ms = _median(first[TORCH] + confirm[TORCH])
-    previous_entry, _, _ = cache.lookup(cache.device_key(device, sms), key_of(layer))
+    device_key = cache.device_key(device, sms)
+    previous_entry = next((entry for entry in (cache.table_entry(device_key, key_of(layer), source)[0]
+                                               for source in ("tuned", "shipped")) if entry), None)
     previous = (KernelConfig(**previous_entry["config"]) if previous_entry and previous_entry.get("config")
                 else None)
     choice, best = decide(times, torch_ms, previous, torch_can_win=not interpret)
@@ -156,7 +158,6 @@ def _timed(bench, configs, backend, repeats, rejected):
     """{config or TORCH: [ms, ...]}: every config and torch.nn in turn, the order rotated per round.
     A config whose barrier times out while timed is dropped and added to `rejected` (its launches do
     not wait to tell: the count is read after each of its calls)."""
-    from ..kernels.skeleton import BarrierTimeout, raise_if_failed
     order = list(configs) + [TORCH]
     times = {c: [] for c in order}
     for r in range(repeats):
@@ -181,7 +182,6 @@ def key_of(layer):
 def tune(layers, device, *, seq=256, repeats=10, max_candidates=8, workers=None, progress=None):
     """Tune every layer and write each entry to the device's table as soon as it is measured (a
     run cut off keeps what it finished). Returns (entries {layer key: entry}, table path)."""
-    from ..layers.dispatch import device_sms
     key = cache.device_key(device, device_sms(device))
     entries, path = {}, cache.table_path(key)
     for layer in layers:

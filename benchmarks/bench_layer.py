@@ -18,7 +18,7 @@ each shape runs forward then train, lstm and gru alternating, so that a run cut 
 --budget has measured every mode and cell. With --budget, no case starts once the seconds since
 the start are spent; the report says how many were skipped.
 
-Configs: by default persistrnn runs each case under the static tables' config (autotune/tables.py,
+Configs: by default persistrnn runs each case under the static tables' config (autotune/configs/static,
 pinned: the user's and the shipped tuned tables are not consulted), and where the static tables
 hold none for the layer, torch.nn runs on both sides (the report shows no speedup there). With
 --tuned the planner decides as in normal use (tuned tables first). Each case records the config,
@@ -43,9 +43,9 @@ import time
 import torch
 
 from ..autotune.cache import device_slug
+from ..configs import MEASURED_DTYPES as DTYPES
 from . import report
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GRID = dict(mode=["forward", "train"], cell=["lstm", "gru"], batch=[1, 8, 16, 64], hidden=[256, 512, 768, 1024],
             seq=1024, dtype=["float16", "bfloat16", "float32"], repeat=20)
 QUICK = dict(batch=[1, 16], hidden=[256, 768], dtype=["float16"], repeat=10)
@@ -185,15 +185,15 @@ def _peak_bytes(fn, free):
 
 
 def static_config(case, device):
-    """The static tables' kernel config for the case's layer on `device` (dispatch.kernel_config, the
+    """The static tables' kernel config for the case's layer on `device` (configs.kernel_config, the
     pass the case runs: "train" for a training step): (config, None), or (None, why none)."""
-    from ..layers import dispatch
-    target = dispatch.target_of(device)
+    from .. import configs
+    target = configs.target_of(device)
     if target is None:
         return None, f"no kernel tables for {torch.cuda.get_device_name(device)}"
-    return dispatch.kernel_config(case["cell"], DTYPES[case["dtype"]], case["hidden"], 0, case["batch"],
-                                  2 if case["bidirectional"] else 1, dispatch.device_sms(device), target,
-                                  "train" if case["mode"] == "train" else "forward")
+    return configs.kernel_config(case["cell"], DTYPES[case["dtype"]], case["hidden"], 0, case["batch"],
+                                 2 if case["bidirectional"] else 1, configs.device_sms(device), target,
+                                 "train" if case["mode"] == "train" else "forward")
 
 
 def persistrnn_side(case, device, tuned, backend="triton"):
@@ -400,7 +400,7 @@ def main(argv=None):
     out = args.out or os.path.join(report.RESULTS_DIR, device_slug({"name": torch.cuda.get_device_name()}))
     configs = ("the planner's choice per layer, as in normal use (--tuned: the user's tuned table, then the shipped "
                "one, then the static tables)" if args.tuned else
-               "the static tables' config (autotune/tables.py) for each layer, pinned, so that no tuned table is "
+               "the static tables' config (autotune/configs/static) for each layer, pinned, so that no tuned table is "
                "consulted; where they hold none, torch.nn runs on both sides (no speedup shown)")
     results = dict(schema=report.SCHEMA, fixture=False, environment=environment(command),
                    method=dict(METHOD, warmup=args.warmup, repeat=args.repeat, configs=configs, tuned=args.tuned),

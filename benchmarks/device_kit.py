@@ -391,7 +391,7 @@ def main(argv=None):
     import torch
 
     from persistrnn.autotune.cache import device_slug
-    from persistrnn.layers.dispatch import target_of
+    from persistrnn.configs import target_of
     if args.dry_run:
         device, target = "dry-run-cpu", "sm_90"
         results = os.path.join(tempfile.mkdtemp(prefix="kit-"), device)

@@ -23,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from persistrnn.configs import MEASURED_DTYPES as DTYPES
 
 
 def run_case(cell, dtype, hidden, args, device):

@@ -10,7 +10,7 @@ and writes dgates[t, b, d] (the pre-activation gradients of the x side, in xproj
 past a row's length), dh0, dc0, and with proj_size dh_t itself (for dW_hr). Weight, bias and
 input gradients are GEMMs over the whole sequence, outside (layers/autograd.py).
 
-Grid (cdiv(B, BLOCK_B), SPLIT, D), as the forward (skeleton.py). On-chip for the whole
+Grid (cdiv(B, BLOCK_B), SPLIT, D), as the forward (tiles.py). On-chip for the whole
 sequence: the program's W_hh rows as the forward holds them, read as their transpose, K-chunks
 [width, 4 * BLOCK_H]: the A operand of the swapped product dh_carry^T = W^T @ dgates^T (M = R,
 N = BLOCK_B, K = 4 * BLOCK_H: wgmma on sm_90 for chunks of 64 rows and more); with proj_size its
@@ -27,10 +27,11 @@ import triton
 import triton.language as tl
 
 from .cells import LSTM, gru_cell_backward, lstm_cell_backward
-from .skeleton import (MAX_SPIN, _arrive, _batch_tile, _chunked_dot, _gate_rows, _join_gates, _load_chunks,  # noqa: F401
-                       _next, _program, _split_gate_columns, _time_index, _wait, _xbuf_tile, kernel_constexprs,
-                       launch, one_wave, rows_of, split_scratch, state_dtype, state_in, state_out, wave_rows,
-                       write_back)
+from .config import kernel_constexprs, state_dtype
+from .exchange import MAX_SPIN, _arrive, _wait, _xbuf_tile, split_scratch
+from .launcher import launch, one_wave, run_in_waves, whole_grid
+from .tiles import (_batch_tile, _chunked_dot, _gate_rows, _join_gates, _load_chunks, _next, _program,
+                    _split_gate_columns, _time_index)
 
 
 @triton.jit
@@ -253,6 +254,31 @@ def _rnn_backward_kernel(
     tl.atomic_add(error_ptr, 1, mask=alive == 0, sem="relaxed")  # counts timed-out programs: only grows
 
 
+def backward_arguments(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengths, dgates, dh_all, dh0, dc0, *,
+                       config, interpret, allow_tf32, wave, max_spin):
+    """(grid, args, constexprs) of one launch of the backward kernel on the wave (0, tiles, dir0, dirs),
+    its split-tier scratch allocated: what rnn_backward launches and the ahead-of-time compile
+    (autotune/aot.py) compiles. Arguments as rnn_backward's."""
+    _, tiles, dir0, dirs = wave
+    T, B = dy.shape[0], dy.shape[1]
+    R = w_hh.shape[2]
+    H = saved.shape[-1]
+    split = triton.cdiv(H, config.block_h)
+    has_proj = w_hr is not None
+    constexprs = kernel_constexprs(cell, w_hh.dtype, has_proj, split, config, R, interpret=interpret,
+                                   allow_tf32=allow_tf32)
+    xbuf, counters, error = split_scratch(split, dirs, tiles, (split, R, config.block_b), state_dtype(w_hh.dtype),
+                                          dy.device, interpret)
+    # unused pointers point at a tensor the kernel has anyway
+    dh_all = dgates if dh_all is None else dh_all
+    args = (dy, dh_n, dh_n if dc_n is None else dc_n, saved, y, h0, h0 if c0 is None else c0, w_hh,
+            w_hh if w_hr is None else w_hr, lengths, dgates, dh_all, dh0, dh0 if dc0 is None else dc0, xbuf, counters,
+            error, T, B, H, R, R, max_spin,
+            dy.stride(0), dy.stride(1), saved.stride(0), saved.stride(1), y.stride(0), y.stride(1),
+            dgates.stride(0), dgates.stride(1), dh_all.stride(0), dh_all.stride(1))
+    return (tiles, split, dirs), args, dict(constexprs, DIR0=dir0)
+
+
 def rnn_backward(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengths, dgates, dh_all, dh0, dc0, *,
                  config, interpret, allow_tf32, waves=None, max_spin=None):
     """Launch the backward of one layer (all directions), given the forward's inputs and outputs.
@@ -261,37 +287,20 @@ def rnn_backward(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengths, dg
     length); dh_all (T, B, D*R) with proj_size, written in full, else unused. (t, b) strides are
     free, rows contiguous. What a layer does not use (dc_n, c0, dc0 for GRU; w_hr and dh_all
     without proj) may be None. waves: as rnn_forward's."""
-    T, B = dy.shape[0], dy.shape[1]
-    D, _, R = w_hh.shape
     if cell == "gru":  # no cell state: whatever was passed is not read or written
         dc_n = c0 = dc0 = None
-    waves = waves or one_wave(B, config.block_b, D)
-    if len(waves) > 1 or waves[0][0] > 0:
-        for wave, rows in wave_rows(waves, config.block_b, B):
-            dh0_rows, dc0_rows = state_out(dh0, rows), state_out(dc0, rows)
-            rnn_backward(cell, dy[:, rows], state_in(dh_n, rows), state_in(dc_n, rows), saved[:, rows], y[:, rows],
-                         state_in(h0, rows), state_in(c0, rows), w_hh, w_hr, lengths[rows], dgates[:, rows],
-                         rows_of(dh_all, rows), dh0_rows, dc0_rows, config=config, interpret=interpret,
-                         allow_tf32=allow_tf32, waves=(wave,), max_spin=max_spin)
-            write_back(dh0, dh0_rows, rows, wave)
-            write_back(dc0, dc0_rows, rows, wave)
-        return
-    (_, tiles, dir0, dirs), = waves
-    H = saved.shape[-1]
-    split = triton.cdiv(H, config.block_h)
-    has_proj = w_hr is not None
-    constexprs = kernel_constexprs(cell, w_hh.dtype, has_proj, split, config, R, interpret=interpret,
-                                   allow_tf32=allow_tf32)
-    xbuf, counters, error = split_scratch(split, dirs, tiles, (split, R, config.block_b), state_dtype(w_hh.dtype),
-                                          dy.device, interpret)
+    waves = waves or one_wave(dy.shape[1], config.block_b, w_hh.shape[0])
     if max_spin is None:
         max_spin = MAX_SPIN["interpret" if interpret else "compiled"]
-    # unused pointers point at a tensor the kernel has anyway
-    dh_all = dgates if dh_all is None else dh_all
-    args = (dy, dh_n, dh_n if dc_n is None else dc_n, saved, y, h0, h0 if c0 is None else c0, w_hh,
-            w_hh if w_hr is None else w_hr, lengths, dgates, dh_all, dh0, dh0 if dc0 is None else dc0, xbuf, counters,
-            error, T, B, H, R, R, max_spin,
-            dy.stride(0), dy.stride(1), saved.stride(0), saved.stride(1), y.stride(0), y.stride(1),
-            dgates.stride(0), dgates.stride(1), dh_all.stride(0), dh_all.stride(1))
-    launch(_rnn_backward_kernel, (tiles, split, dirs), args, dict(constexprs, DIR0=dir0), config=config,
-           interpret=interpret, device=dy.device, what="backward", max_spin=max_spin)
+    if not whole_grid(waves):
+        def run(wave, lengths, rows, states, outputs):
+            (dy, saved, y, dgates, dh_all), (dh_n, dc_n, h0, c0), (dh0, dc0) = rows, states, outputs
+            rnn_backward(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengths, dgates, dh_all, dh0, dc0,
+                         config=config, interpret=interpret, allow_tf32=allow_tf32, waves=(wave,), max_spin=max_spin)
+        return run_in_waves(run, waves, config.block_b, lengths, rows=(dy, saved, y, dgates, dh_all),
+                            states=(dh_n, dc_n, h0, c0), outputs=(dh0, dc0))
+    grid, args, constexprs = backward_arguments(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengths, dgates,
+                                                dh_all, dh0, dc0, config=config, interpret=interpret,
+                                                allow_tf32=allow_tf32, wave=waves[0], max_spin=max_spin)
+    launch(_rnn_backward_kernel, grid, args, constexprs, config=config, interpret=interpret, device=dy.device,
+           what="backward", max_spin=max_spin)

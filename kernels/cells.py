@@ -4,7 +4,7 @@ Gate order follows torch.nn: LSTM (i, f, g, o), GRU (r, z, n). Inputs are pre-ac
 the state dtype (fp32, or fp64 for reference runs); nothing here touches memory. The forward
 cells also return the activations the backward cells take (the compiler drops them when unsaved).
 
-MATH, how tanh and sigmoid are computed (skeleton.py: math_mode picks it per dtype):
+MATH, how tanh and sigmoid are computed (fastmath.py: math_mode picks it per dtype):
 - EXACT: the closed forms (fp64, fp32 without TF32, the interpreter).
 - ACCURATE: on the hardware's ex2.approx and rcp.approx, two MUFU each: sigmoid within 2^-21
   relative, tanh = 2 sigmoid(2x) - 1 within 2^-20 absolute (fp16, whose outputs round to 2^-12,

@@ -6,7 +6,7 @@ Computes, per direction d and batch row b, over that row's own length (reversed 
     GRU:   h_t = gru_cell(gates_t, b_hn[d], h_{t-1})
 and writes y[t, b, d*R:(d+1)*R] = h_t (zero past the row's length), h_n, c_n.
 
-Grid (cdiv(B, BLOCK_B), SPLIT, D), see skeleton.py. A program owns BLOCK_H hidden units (all
+Grid (cdiv(B, BLOCK_B), SPLIT, D), see tiles.py. A program owns BLOCK_H hidden units (all
 gates) of a batch tile of BLOCK_B rows of one direction. On-chip for the whole sequence: its W_hh
 rows as one [4 * BLOCK_H, R] tile in K-chunks (the A operand of gates^T = W @ h^T), with
 proj_size its W_hr columns; h and c in fp32 registers (fp64 for fp64), as [BLOCK_H, BLOCK_B]
@@ -29,10 +29,11 @@ import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, gru_cell, lstm_cell
-from .skeleton import (MAX_SPIN, BarrierTimeout, _arrive, _batch_tile, _chunked_dot, _dot_from_memory,  # noqa: F401
-                       _gate_rows, _load_chunks, _next, _program, _split_gates, _time_index, _wait, _xbuf_tile,
-                       kernel_constexprs, launch, one_wave, rows_of, split_scratch, state_dtype, state_in,
-                       state_out, wave_rows, write_back)
+from .config import kernel_constexprs, state_dtype
+from .exchange import MAX_SPIN, _arrive, _wait, _xbuf_tile, split_scratch
+from .launcher import launch, one_wave, run_in_waves, whole_grid
+from .tiles import (_batch_tile, _chunked_dot, _dot_from_memory, _gate_rows, _load_chunks, _next, _program,
+                    _split_gates, _time_index)
 
 # what the forward saves for the backward, per row, step and direction: H values each
 SAVED = {"lstm": 5, "gru": 4}
@@ -212,6 +213,33 @@ def _rnn_forward_kernel(
     tl.atomic_add(error_ptr, 1, mask=alive == 0, sem="relaxed")  # counts timed-out programs: only grows
 
 
+def forward_arguments(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, saved, *, config, interpret,
+                      allow_tf32, wave, max_spin):
+    """(grid, args, constexprs) of one launch of the forward kernel on the wave (0, tiles, dir0, dirs),
+    its split-tier scratch allocated: what rnn_forward launches and the ahead-of-time compile
+    (autotune/aot.py) compiles. Arguments as rnn_forward's."""
+    _, tiles, dir0, dirs = wave
+    T, B = xproj.shape[0], xproj.shape[1]
+    R = w_hh.shape[2]
+    H = h0.shape[2] if cell == "gru" else c0.shape[2]
+    split = triton.cdiv(H, config.block_h)
+    has_proj = w_hr is not None
+    constexprs = kernel_constexprs(cell, w_hh.dtype, has_proj, split, config, R, interpret=interpret,
+                                   allow_tf32=allow_tf32)
+    # the exchange buffer holds h rows in the weights' dtype, or partial products (fp32) with proj_size
+    rows = R if has_proj else split * config.block_h
+    xbuf, counters, error = split_scratch(split, dirs, tiles, (split if has_proj else 1, rows, config.block_b),
+                                          state_dtype(w_hh.dtype) if has_proj else w_hh.dtype, xproj.device, interpret)
+    save = saved is not None
+    # unused pointers point at a tensor the kernel has anyway
+    args = (xproj, w_hh, w_hh if b_hn is None else b_hn, w_hh if w_hr is None else w_hr, h0,
+            h0 if c0 is None else c0, lengths, y, h_n, h_n if c_n is None else c_n,
+            saved if save else error, xbuf, counters, error, T, B, H, R, rows, max_spin,
+            xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1),
+            saved.stride(0) if save else 0, saved.stride(1) if save else 0)
+    return (tiles, split, dirs), args, dict(constexprs, SAVE=save, DIR0=dir0)
+
+
 def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *, saved=None,
                 config, interpret, allow_tf32, waves=None, max_spin=None):
     """Launch one layer (all directions). Shapes: xproj (T, B, D*G*H) with any (t, b) strides and
@@ -222,41 +250,23 @@ def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *, 
     the backward needs (LSTM i, f, g, o, c; GRU r, z, n, W_hn h + b_hn per step).
     config (KernelConfig): a program takes block_b batch rows and block_h hidden units; SPLIT =
     cdiv(H, block_h) programs share a batch tile.
-    waves: the launches, (tile0, tiles, dir0, dirs) each (skeleton.py, "waves"), one after another;
+    waves: the launches, (tile0, tiles, dir0, dirs) each (launcher.py, "waves"), one after another;
     default one, the whole grid. With SPLIT > 1 the caller must make sure each wave's grid can be
     resident at once (the launch is cooperative and fails otherwise)."""
-    T, B = xproj.shape[0], xproj.shape[1]
-    D, _, R = w_hh.shape
     if cell == "gru":  # no cell state: whatever was passed is not read or written
         c0 = c_n = None
-    waves = waves or one_wave(B, config.block_b, D)
-    if len(waves) > 1 or waves[0][0] > 0:
-        for wave, rows in wave_rows(waves, config.block_b, B):
-            hn_rows, cn_rows = state_out(h_n, rows), state_out(c_n, rows)
-            rnn_forward(cell, xproj[:, rows], w_hh, b_hn, w_hr, state_in(h0, rows), state_in(c0, rows), lengths[rows],
-                        y[:, rows], hn_rows, cn_rows, saved=rows_of(saved, rows), config=config, interpret=interpret,
-                        allow_tf32=allow_tf32, waves=(wave,), max_spin=max_spin)
-            write_back(h_n, hn_rows, rows, wave)
-            write_back(c_n, cn_rows, rows, wave)
-        return
-    (_, tiles, dir0, dirs), = waves
-    H = h0.shape[2] if cell == "gru" else c0.shape[2]
-    split = triton.cdiv(H, config.block_h)
-    has_proj = w_hr is not None
-    constexprs = kernel_constexprs(cell, w_hh.dtype, has_proj, split, config, R, interpret=interpret,
-                                   allow_tf32=allow_tf32)
-    # the exchange buffer holds h rows in the weights' dtype, or partial products (fp32) with proj_size
-    rows = R if has_proj else split * config.block_h
-    xbuf, counters, error = split_scratch(split, dirs, tiles, (split if has_proj else 1, rows, config.block_b),
-                                          state_dtype(w_hh.dtype) if has_proj else w_hh.dtype, xproj.device, interpret)
+    waves = waves or one_wave(xproj.shape[1], config.block_b, w_hh.shape[0])
     if max_spin is None:
         max_spin = MAX_SPIN["interpret" if interpret else "compiled"]
-    save = saved is not None
-    # unused pointers point at a tensor the kernel has anyway
-    args = (xproj, w_hh, w_hh if b_hn is None else b_hn, w_hh if w_hr is None else w_hr, h0,
-            h0 if c0 is None else c0, lengths, y, h_n, h_n if c_n is None else c_n,
-            saved if save else error, xbuf, counters, error, T, B, H, R, rows, max_spin,
-            xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1),
-            saved.stride(0) if save else 0, saved.stride(1) if save else 0)
-    launch(_rnn_forward_kernel, (tiles, split, dirs), args, dict(constexprs, SAVE=save, DIR0=dir0), config=config,
-           interpret=interpret, device=xproj.device, what="forward", max_spin=max_spin)
+    if not whole_grid(waves):
+        def run(wave, lengths, rows, states, outputs):
+            (xproj, y, saved), (h0, c0), (h_n, c_n) = rows, states, outputs
+            rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, saved=saved, config=config,
+                        interpret=interpret, allow_tf32=allow_tf32, waves=(wave,), max_spin=max_spin)
+        return run_in_waves(run, waves, config.block_b, lengths, rows=(xproj, y, saved), states=(h0, c0),
+                            outputs=(h_n, c_n))
+    grid, args, constexprs = forward_arguments(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, saved,
+                                               config=config, interpret=interpret, allow_tf32=allow_tf32,
+                                               wave=waves[0], max_spin=max_spin)
+    launch(_rnn_forward_kernel, grid, args, constexprs, config=config, interpret=interpret, device=xproj.device,
+           what="forward", max_spin=max_spin)

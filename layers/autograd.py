@@ -21,100 +21,26 @@ Higher order: a backward asked to build a graph (create_graph=True), or handed b
 (vmap over the backward), differentiates the layer recomputed from torch's ops instead
 (reference.py): the kernels give first-order gradients only, and those two must be right too.
 
-The ops take the layer's fixed description (`Layer`) as a JSON string (`layer_spec`): a custom
-op's arguments are tensors and plain values, and a string survives Inductor's graph cache.
+The ops take the layer's fixed description (layer.py: `Layer`) as a JSON string (`layer_spec`): a
+custom op's arguments are tensors and plain values, and a string survives Inductor's graph cache.
 """
-import dataclasses
-import functools
-import json
 from typing import List, Optional, Tuple
 
 import torch
-import torch._dynamo
 from torch import Tensor
 
-from ..kernels.backward import rnn_backward
+from ..kernels.config import state_dtype
 from ..kernels.forward import SAVED
-from ..kernels.skeleton import KernelConfig, LaunchRefused, state_dtype
-from .dispatch import launch_waves, refused, usable_sms
-from .functional import cudnn_rnn_allows_tf32, layer_forward, layer_weights, time_major
+from ..kernels.launcher import LaunchRefused
+from .layer import layer_backward, layer_forward, layer_from_spec, layer_spec, relaunching, replanned, time_major
 from .reference import layer_reference
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """What is fixed about one layer call."""
-    cell: str
-    num_directions: int
-    hidden_size: int
-    real_hidden_size: int  # proj_size or hidden_size
-    has_bias: bool
-    has_proj: bool
-    batch_first: bool
-    config: KernelConfig
-    interpret: bool
-    allow_tf32: bool
-    waves: tuple = None  # the kernels' launches (dispatch.launch_waves); None: the whole grid at once
-
-
-@functools.lru_cache(maxsize=None)
-def layer_spec(layer):
-    return json.dumps(dataclasses.asdict(layer), sort_keys=True)
-
-
-def describe_layer(cell, num_directions, hidden_size, proj_size, has_bias, batch_first, config, interpret, waves):
-    """The spec (layer_spec) of one layer call, with torch's current TF32 setting for cuDNN's RNNs."""
-    return layer_spec(Layer(cell=cell, num_directions=num_directions, hidden_size=hidden_size,
-                            real_hidden_size=proj_size or hidden_size, has_bias=has_bias, has_proj=proj_size > 0,
-                            batch_first=batch_first, config=config, interpret=interpret,
-                            allow_tf32=cudnn_rnn_allows_tf32(), waves=waves))
-
-
-# under torch.compile (the reference path, functional.rnn) a constant of the graph
-@torch._dynamo.assume_constant_result
-def layer_from_spec(spec):
-    return _parse_spec(spec)
-
-
-@functools.lru_cache(maxsize=None)
-def _parse_spec(spec):
-    fields = json.loads(spec)
-    if fields["config"] is not None:
-        fields["config"] = KernelConfig(**fields["config"])
-    if fields["waves"] is not None:
-        fields["waves"] = tuple(tuple(wave) for wave in fields["waves"])
-    return Layer(**fields)
-
-
-def _h_prev(y, h0, lengths, layer):
-    """h_{t-1} of every step, in y's layout: y shifted one step back in each direction's own time
-    order, h0 at each row's first step (the reverse direction's first is the row's last)."""
-    R = layer.real_hidden_size
-    h_prev = torch.zeros_like(y)
-    y_tb, h_prev_tb = time_major(y, layer.batch_first), time_major(h_prev, layer.batch_first)
-    rows = torch.arange(y_tb.shape[1], device=y.device)
-    for d in range(layer.num_directions):
-        cols = slice(d * R, (d + 1) * R)
-        if d == 0:
-            h_prev_tb[1:, :, cols] = y_tb[:-1, :, cols]
-            h_prev_tb[0, :, cols] = h0[0]
-        else:
-            h_prev_tb[:-1, :, cols] = y_tb[1:, :, cols]
-            h_prev_tb[lengths.long() - 1, rows, cols] = h0[1]
-    return h_prev
-
-
-def _batched(t):
-    """Whether t is a batched tensor of vmap over the backward (torch.func's, or the legacy one that
-    gradcheck's batched-gradient check uses)."""
-    functorch = torch._C._functorch
-    return t is not None and (functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t))
+from .transforms import is_batched, transforms_active
 
 
 def _needs_reference(*grads):
     """A backward building a graph (create_graph=True), or handed batched gradients, differentiates
     the reference: the kernels give neither. (So does a forward run without `save`.)"""
-    return torch.is_grad_enabled() or any(_batched(g) for g in grads)
+    return torch.is_grad_enabled() or any(is_batched(g) for g in grads)
 
 
 def _none_to_empty(t, like):
@@ -129,24 +55,6 @@ def _layer_forward(x, lengths, h0, c0, weights, layer, save):
     return y, hn, _none_to_empty(cn, h0), _none_to_empty(saved, x)
 
 
-def _relaunching(run, layer, batch, device):
-    """run(layer): one pass of a layer's launches. Where the driver refuses one (fewer SMs usable than
-    its waves assume), learn from it (dispatch.refused) and run the pass again with the same config
-    in more launches of fewer programs; LaunchRefused propagates where not even one batch tile's
-    programs fit. Every launch rewrites all of its outputs."""
-    while True:
-        try:
-            return run(layer)
-        except LaunchRefused as error:
-            refused(error)
-            waves = launch_waves(layer.config, batch, layer.hidden_size, layer.num_directions, usable_sms(device))
-            if waves is None:
-                error.add_note("persistrnn: a compiled model keeps the plan it was traced with; compiled again "
-                               "(after torch._dynamo.reset()), it plans for the SMs usable now")
-                raise
-            layer = dataclasses.replace(layer, waves=waves)
-
-
 @torch.library.custom_op("persistrnn::layer_forward", mutates_args=())
 def layer_forward_op(x: Tensor, lengths: Tensor, h0: Tensor, c0: Optional[Tensor], weights: List[Tensor],
                      spec: str, save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -154,7 +62,7 @@ def layer_forward_op(x: Tensor, lengths: Tensor, h0: Tensor, c0: Optional[Tensor
     The op runs inside a compiled graph or vmap, whose plan is fixed: a refused launch changes only
     the layer's launches here (_relaunching); eager calls re-plan in the module (rnn.py)."""
     layer = layer_from_spec(spec)
-    return _relaunching(lambda layer: _layer_forward(x, lengths, h0, c0, weights, layer, save), layer,
+    return relaunching(lambda layer: _layer_forward(x, lengths, h0, c0, weights, layer, save), layer,
                         time_major(x, layer.batch_first).shape[1], x.device)
 
 
@@ -190,8 +98,7 @@ def _(info, in_dims, x, lengths, h0, c0, weights, spec, save):
     # (V, D, B, R) -> (D, V*B, R): at B = 1 a view (of expanded zeros where unmapped), not a copy
     states = [None if s is None else _mapped_first(s, dim, V).transpose(0, 1).reshape(D, V * B, s.shape[-1])
               for s, dim in ((h0, h0_dim), (c0, c0_dim))]
-    folded = dataclasses.replace(layer, waves=launch_waves(layer.config, V * B, layer.hidden_size, D,
-                                                           usable_sms(x.device)))
+    folded = replanned(layer, V * B, x.device)
     y, hn, cn, saved = layer_forward_op(x, lengths.repeat(V), *states, weights, layer_spec(folded), save)
 
     def unfold(t, batch_dim):  # the batch dimension (V*B) back into (V, B): V is the mapped one
@@ -230,6 +137,17 @@ def _gradients(ctx, needs, dy, dh_n, dc_n, kernel_backward):
         return tuple(g if need else None for g, need in zip(grads, needs))
 
 
+def _kernel_backward(layer, x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n, dc_n):
+    """layer_backward's gradients; where not even one batch tile's programs fit now (LaunchRefused),
+    the same gradients from torch's ops."""
+    try:
+        return layer_backward(layer, x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n, dc_n)
+    except LaunchRefused:
+        leaves = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip((x, h0, c0, *weights), needs)]
+        return backward_reference(layer, leaves[0], lengths, leaves[1], leaves[2], leaves[3:], needs, dy, dh_n, dc_n)
+
+
 def _through_the_op(layer, x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n, dc_n):
     return layer_backward_op(dy, dh_n, dc_n, x, lengths, h0, c0, y, saved, weights, layer_spec(layer), list(needs))
 
@@ -261,7 +179,7 @@ class _EagerLayer(torch.autograd.Function):
     def backward(ctx, dy, dh_n, dc_n, _):
         needs_x, _, needs_h0, needs_c0, _, _, *needs_weights = ctx.needs_input_grad
         dx, dh0, dc0, *dweights = _gradients(ctx, (needs_x, needs_h0, needs_c0, *needs_weights), dy, dh_n, dc_n,
-                                             layer_backward)
+                                             _kernel_backward)
         return dx, None, dh0, dc0, None, None, *dweights
 
 
@@ -273,7 +191,7 @@ def layer_backward_op(dy: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], x: Tenso
                       needs: List[bool]) -> List[Tensor]:
     """[dx, dh0, dc0, *weight gradients] of one layer by the backward kernel and GEMMs; an entry not
     in `needs` is an empty tensor."""
-    grads = layer_backward(layer_from_spec(spec), x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n, dc_n)
+    grads = _kernel_backward(layer_from_spec(spec), x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n, dc_n)
     return [_none_to_empty(g if need else None, x) for g, need in zip(grads, needs)]
 
 
@@ -281,65 +199,6 @@ def layer_backward_op(dy: Tensor, dh_n: Tensor, dc_n: Optional[Tensor], x: Tenso
 def _(dy, dh_n, dc_n, x, lengths, h0, c0, y, saved, weights, spec, needs):
     # contiguous, as layer_backward allocates them (not empty_like: x may be a transposed view)
     return [t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip((x, h0, c0, *weights), needs)]
-
-
-def layer_backward(layer, x, lengths, h0, c0, y, saved, weights, needs, dy, dh_n, dc_n):
-    """(dx, dh0, dc0, *weight gradients) of one layer from the backward kernel and whole-sequence
-    GEMMs; needs: whether each is wanted (x, h0, c0, *weights); an unwanted one may be None."""
-    cell, D, H, R = layer.cell, layer.num_directions, layer.hidden_size, layer.real_hidden_size
-    G = 4 if cell == "lstm" else 3
-    w_ih, _, w_hh, _, w_hr = layer_weights(cell, weights, D, layer.has_bias, layer.has_proj, H)
-    h0, c0 = h0.contiguous(), (None if c0 is None else c0.contiguous())  # the kernels read them densely
-    # autograd materializes the gradients of unused outputs as zeros
-    dh_n = dh_n.contiguous()
-    if cell == "lstm":
-        dc_n = dc_n.contiguous()
-    if dy.stride(-1) != 1:
-        dy = dy.contiguous()
-    dgates = x.new_empty(*x.shape[:2], D * G * H)
-    dh_all = torch.empty_like(y) if layer.has_proj else None
-    dh0 = h0.new_empty(h0.shape)
-    dc0 = c0.new_empty(c0.shape) if cell == "lstm" else None
-    if dgates.shape[0] * dgates.shape[1] > 0:
-        bf = layer.batch_first
-
-        def run(layer):
-            rnn_backward(cell, time_major(dy, bf), dh_n, dc_n, time_major(saved, bf), time_major(y, bf), h0, c0,
-                         w_hh, w_hr, lengths, time_major(dgates, bf),
-                         None if dh_all is None else time_major(dh_all, bf), dh0, dc0,
-                         config=layer.config, interpret=layer.interpret, allow_tf32=layer.allow_tf32,
-                         waves=layer.waves)
-        try:
-            _relaunching(run, layer, time_major(dgates, bf).shape[1], dy.device)
-        except LaunchRefused:  # not one batch tile's programs fit now: the same gradients from torch's ops
-            leaves = [None if t is None else t.detach().requires_grad_(need)
-                      for t, need in zip((x, h0, c0, *weights), needs)]
-            return backward_reference(layer, leaves[0], lengths, leaves[1], leaves[2], leaves[3:], needs,
-                                      dy, dh_n, dc_n)
-
-    rows = dgates.reshape(-1, D * G * H)  # one row per (t, b), in x's layout
-    dx = (rows @ w_ih).reshape(x.shape) if needs[0] else None
-    if not any(needs[3:]):  # frozen weights: no weight GEMMs
-        return (dx, dh0, dc0, *(None for _ in weights))
-    x_rows = x.reshape(-1, x.shape[-1])
-    if cell == "gru":  # the n gate's h side: r * (W_hn h + b_hn)
-        dgates_h = dgates.clone().view(*x.shape[:2], D, G, H)
-        dgates_h[..., 2, :] *= saved[..., 0, :]
-        rows_h = dgates_h.reshape(-1, D * G * H)
-    else:
-        rows_h = rows
-    h_prev = _h_prev(y, h0, lengths, layer).reshape(-1, D * R)
-    grads = []
-    for d in range(D):
-        gates = slice(d * G * H, (d + 1) * G * H)
-        # one GEMM per direction: a custom op's outputs may not be views of one another
-        grads += [rows[:, gates].t() @ x_rows, rows_h[:, gates].t() @ h_prev[:, d * R:(d + 1) * R]]
-        if layer.has_bias:
-            grads += [rows[:, gates].sum(0), rows_h[:, gates].sum(0)]
-        if layer.has_proj:  # h_t = (o * tanh c_t) @ W_hr^T
-            h_cell = (saved[..., d, 3, :] * torch.tanh(saved[..., d, 4, :])).reshape(-1, H).to(y.dtype)
-            grads.append(dh_all.reshape(-1, D * R)[:, d * R:(d + 1) * R].t() @ h_cell)
-    return (dx, dh0, dc0, *(g.to(w.dtype) for g, w in zip(grads, weights)))
 
 
 def backward_reference(layer, x, lengths, h0, c0, weights, needs, dy, dh_n, dc_n):
@@ -366,7 +225,7 @@ def backward_reference(layer, x, lengths, h0, c0, weights, needs, dy, dh_n, dc_n
 def run_layer(spec, x, lengths, h0, c0, weights, save):
     """(y, h_n, c_n) of one layer (spec: layer_spec); c_n None for the GRU. `save`: keep what the
     backward kernel needs (training). Traced by torch.compile: the custom op; eager: _EagerLayer."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():  # vmap: its batching rule
+    if torch.compiler.is_compiling() or transforms_active():  # vmap: its batching rule
         y, hn, cn, _ = layer_forward_op(x, lengths, h0, c0, list(weights), spec, save)
     elif save:
         y, hn, cn, _ = _EagerLayer.apply(x, lengths, h0, c0, spec, save, *weights)

@@ -9,6 +9,8 @@ import contextlib
 import contextvars
 import os
 
+import torch
+
 BACKENDS = ("auto", "triton", "interpret", "torch")
 
 _override = contextvars.ContextVar("persistrnn_backend", default=None)
@@ -35,3 +37,17 @@ def backend(name: str):
         yield
     finally:
         _override.reset(token)
+
+
+def cudnn_rnn_allows_tf32():
+    """Whether torch lets cuDNN's RNNs use TF32 for fp32: torch.backends.cudnn.rnn.fp32_precision
+    where torch has it and it is set, else torch.backends.cudnn.allow_tf32 (reading the latter
+    raises once the former API has been used)."""
+    for flags in (getattr(torch.backends.cudnn, "rnn", None), torch.backends.cudnn):  # "none": ask the parent
+        precision = getattr(flags, "fp32_precision", "none")
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return False

@@ -1,7 +1,11 @@
 """Choosing the path of one layer call: Triton kernel (compiled or interpreted) or torch native.
 
-The choice is never silent: every call's `Dispatch` is kept on the module (`module.last_dispatch`)
-and logged at DEBUG level on the `persistrnn` logger.
+The kernel config comes from the first of a chain of sources that answers (SOURCES): a pinned
+config (pin_config), the user's tuned table, the shipped tuned table, the static tables
+(configs.py). Each source returns a Choice, a config or torch with its reason, or None to let the
+next one decide; the static tables always answer. The choice is never silent: every call's
+`Dispatch` is kept on the module (`module.last_dispatch`) and logged at DEBUG level on the
+`persistrnn` logger.
 """
 import contextlib
 import contextvars
@@ -14,17 +18,14 @@ import torch
 import triton
 
 from ..autotune import cache
-from ..autotune.aot import TARGETS
-from ..autotune.capacity import BLOCK_B, SMALL_BLOCK_H, dtype_name, table_config
-from ..autotune.tables import TABLES
-from ..kernels.skeleton import KernelConfig  # noqa: F401  (re-exported: the config a Dispatch carries)
+from ..configs import (DTYPES, MIN_BLOCK, SMALL_BLOCK_H, device_sms, kernel_config, launch_waves, target_of)
+from ..kernels.config import KernelConfig
 from .backend import current_backend
+from .transforms import forward_ad_active, only_vmap_active, transforms_active
 
 log = logging.getLogger("persistrnn")
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-MIN_BLOCK = 16  # tl.dot needs every dimension >= 16 on the GPU (SMALL_BLOCK_H: autotune/capacity.py)
+STATIC_TABLES = "the static tables (autotune/configs/static)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,73 +33,12 @@ class Dispatch:
     path: str  # "triton", "interpret", "torch" or "reference" (reference.py, under torch.func's grad transforms)
     reason: str
     config: KernelConfig = None
-    waves: tuple = None  # the kernel's launches, (tile0, tiles, dir0, dirs) each: launch_waves
-    # the layer as its custom ops take it (autograd.layer_spec); None on the torch path
+    waves: tuple = None  # the kernel's launches, (tile0, tiles, dir0, dirs) each: configs.launch_waves
+    # the layer as its custom ops take it (layer.layer_spec); None on the torch path
     spec: str = dataclasses.field(default=None, repr=False)
 
 
-def block_for(n):
-    return max(MIN_BLOCK, triton.next_power_of_2(n))
-
-
 _pinned = contextvars.ContextVar("persistrnn_pinned_config", default=None)
-# programs that can run at once where no GPU tells us: an H100's SMs, one program each
-DEFAULT_SMS = 132
-
-
-def device_sms(device):
-    """The SMs a device has, one split-tier program each; DEFAULT_SMS for the interpreter. Part of the
-    device's identity (tuned tables); a launch may get fewer (usable_sms)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
-
-
-# ---- fewer SMs than the device has, learned from refused launches ----
-# Under MPS limits, green contexts or another process's kernels fewer SMs are usable than
-# device_sms, and the driver refuses a cooperative launch of more programs than can be resident at
-# once (kernels/skeleton.py: LaunchRefused). Per device, the most programs a split launch may have
-# there since it refused one; it only shrinks. A device is in it once it has refused a launch.
-_usable_sms = {}
-
-
-def _device_id(device):
-    """The device with its index (a CUDA device without one means the current device)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def usable_sms(device, sms=None):
-    """The programs a split launch may have on `device` at once: its SMs (`sms`, where the caller has
-    them), fewer once it refused a launch."""
-    learned = _usable_sms.get(_device_id(device)) if _usable_sms else None
-    if learned is not None:
-        return learned
-    return device_sms(device) if sms is None else sms
-
-
-def refused(error):
-    """Learn from a refused launch (skeleton.LaunchRefused): its device holds fewer than
-    error.programs programs at once, so every plan there from now on makes smaller launches
-    (usable_sms). The first refusal on a device is warned about. Returns why, for a Dispatch's reason."""
-    device = _device_id(error.device)
-    first = device not in _usable_sms
-    _usable_sms[device] = usable = min(usable_sms(device), error.programs - 1)
-    why = (f"the driver refused a cooperative launch of {error.programs} programs on {device}: fewer SMs are usable "
-           f"there than its {device_sms(device)} (MPS limits, green contexts or another process's kernels)")
-    if first:
-        warnings.warn(f"persistrnn: {why}. Split-tier launches on {device} now take at most {usable} programs "
-                      "(more launches, one after another), or torch runs the layer where one batch tile's programs "
-                      "do not fit; the layer's last_dispatch.reason says which.", RuntimeWarning)
-    return why
-
-
-def only_vmap_active():
-    """Whether the torch.func transforms active now are all vmap (the kernels' op has a batching
-    rule: autograd.py), and forward-mode AD is off."""
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    return (torch.autograd.forward_ad._current_level < 0 and
-            all(i.key() == torch._C._functorch.TransformType.Vmap for i in retrieve_all_functorch_interpreters()))
 
 
 @contextlib.contextmanager
@@ -126,137 +66,145 @@ def pin_config(block_h=None, block_b=None, num_warps=None, num_stages=None, back
         _pinned.reset(token)
 
 
-def target_of(device):
-    """The shipped table for a device: sm_90's for Hopper and later, sm_80's for Ampere and Ada, if
-    the device gives a block at least the shared memory that table assumes (an RTX 4090 or L4
-    gives 99 KB, not A100's 163 KB); None otherwise. Without a GPU (the interpreter), sm_90's."""
-    if device.type != "cuda":
-        return "sm_90"
-    major, _ = torch.cuda.get_device_capability(device)
-    target = "sm_90" if major >= 9 else ("sm_80" if major == 8 else None)
-    smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    return target if target and smem >= TARGETS[target]["smem"] else None
+# ---- fewer SMs than the device has, learned from refused launches ----
+# Under MPS limits, green contexts or another process's kernels fewer SMs are usable than
+# device_sms, and the driver refuses a cooperative launch of more programs than can be resident at
+# once (kernels/launcher.py: LaunchRefused). Per device, the most programs a split launch may have
+# there since it refused one; it only shrinks. A device is in it once it has refused a launch.
+_usable_sms = {}
 
 
-def single_program_config(cell, dtype, hidden_size, target="sm_90", pass_="forward", tables=None):
-    """The single-program config for these sizes, or None if its weights do not fit on-chip.
-    The blocks and warp counts come from the ahead-of-time compile (autotune/tables.py); pass_
-    "train" asks for a config whose forward (saving) and backward kernels both fit."""
-    held = (tables or TABLES)[target][pass_]["single"][(cell, dtype_name(dtype))]
-    block_h = block_for(hidden_size)
-    return table_config(BLOCK_B, block_h, held[block_h]) if block_h in held else None
+def _device_id(device):
+    """The device with its index (a CUDA device without one means the current device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
-def table_width(widths, width):
-    """The smallest table width that holds a recurrent input of `width`, or None."""
-    return min((w for w in widths if w >= width), default=None)
+def usable_sms(device, sms=None):
+    """The programs a split launch may have on `device` at once: its SMs (`sms`, where the caller has
+    them), fewer once it refused a launch."""
+    learned = _usable_sms.get(_device_id(device)) if _usable_sms else None
+    if learned is not None:
+        return learned
+    return device_sms(device) if sms is None else sms
 
 
-def split_program_configs(cell, dtype, hidden_size, proj_size, target="sm_90", pass_="forward", tables=None):
-    """Every split-tier config the tables hold for these sizes (BLOCK_H < hidden_size)."""
-    held = (tables or TABLES)[target][pass_]["split"].get((cell, dtype_name(dtype), proj_size > 0), {})
-    width = table_width(held, proj_size or hidden_size)
-    if width is None:
-        return []
-    return [table_config(block_b, block_h, warps) for block_b, blocks in held[width].items()
-            for block_h, warps in blocks.items() if block_h < hidden_size]
+def refused(error):
+    """Learn from a refused launch (launcher.LaunchRefused): its device holds fewer than
+    error.programs programs at once, so every plan there from now on makes smaller launches
+    (usable_sms). The first refusal on a device is warned about. Returns why, for a Dispatch's reason."""
+    device = _device_id(error.device)
+    first = device not in _usable_sms
+    _usable_sms[device] = usable = min(usable_sms(device), error.programs - 1)
+    why = (f"the driver refused a cooperative launch of {error.programs} programs on {device}: fewer SMs are usable "
+           f"there than its {device_sms(device)} (MPS limits, green contexts or another process's kernels)")
+    if first:
+        warnings.warn(f"persistrnn: {why}. Split-tier launches on {device} now take at most {usable} programs "
+                      "(more launches, one after another), or torch runs the layer where one batch tile's programs "
+                      "do not fit; the layer's last_dispatch.reason says which.", RuntimeWarning)
+    return why
 
 
-def programs(config, batch, hidden_size, num_directions):
-    """The grid's size: batch tiles x SPLIT x directions."""
-    return -(-batch // config.block_b) * -(-hidden_size // config.block_h) * num_directions
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """One layer call as the sources of a config see it. sms: the device's SMs (its tuned tables'
+    key); usable: the programs a launch may take there now (usable_sms)."""
+    cell: str
+    device: torch.device
+    dtype: torch.dtype
+    hidden_size: int
+    proj_size: int
+    batch: int
+    num_directions: int
+    pass_: str  # "forward" (inference) or "train"
+    target: str
+    sms: int
+    usable: int
+
+    def fewer(self):
+        """What the reason says where fewer SMs are usable than the device has."""
+        return "" if self.usable == self.sms else (f" ({self.usable} of its {self.sms} SMs usable: the driver "
+                                                   "refused a larger cooperative launch there)")
 
 
-def launch_waves(config, batch, hidden_size, num_directions, sms):
-    """How a layer's grid runs on a device of `sms` SMs: a tuple of launches (tile0, tiles, dir0,
-    dirs), each a block of batch tiles and directions (kernels/skeleton.py: launch). One launch when
-    the grid can be resident at once, or has one program per batch tile; else the fewest launches
-    whose programs are each resident at once (one program per SM), one after another: batch rows
-    and directions are independent. None when not even one batch tile of one direction fits
-    (SPLIT > sms)."""
-    tiles = -(-batch // config.block_b)
-    split = -(-hidden_size // config.block_h)
-    if split == 1 or programs(config, batch, hidden_size, num_directions) <= sms:
-        return ((0, tiles, 0, num_directions),)
-    if split > sms:
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """A source's answer: run `config`, or torch where config is None; reason says why."""
+    config: KernelConfig
+    reason: str
+
+
+def pins():
+    """The fields pin_config pins now ({} outside it)."""
+    return _pinned.get() or {}
+
+
+def pinned_source(q):
+    """pin_config's fields over the static tables' choice; None when nothing is pinned. A pin is
+    judged by the device (pin_config raises where it can never run); with fewer SMs usable it runs
+    in more launches, or torch runs."""
+    pinned = pins()
+    if not pinned:
         return None
-    best = None
-    for dirs in (num_directions, 1):  # both directions in a launch, or one at a time
-        if split * dirs > sms:
-            continue
-        count = -(-tiles // (sms // (split * dirs)))
-        per_launch = -(-tiles // count)  # the same number of tiles in every launch but the last
-        waves = tuple((tile0, min(per_launch, tiles - tile0), dir0, dirs)
-                      for dir0 in range(0, num_directions, dirs) for tile0 in range(0, tiles, per_launch))
-        if best is None or len(waves) < len(best):
-            best = waves
-    return best
+    config, why = kernel_config(q.cell, q.dtype, q.hidden_size, q.proj_size, q.batch, q.num_directions, q.sms,
+                                q.target, q.pass_, pinned=pinned)
+    if config is None:
+        return Choice(None, why + q.fewer())
+    fields = ", ".join(f"{k}={v}" for k, v in pinned.items())
+    return Choice(config, f"config from {STATIC_TABLES} and pin_config({fields})")
 
 
-def kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target="sm_90",
-                  pass_="forward", tables=None):
-    """(config, None), or (None, why no kernel config holds these sizes on `target`) for a pass:
-    "forward" (inference) or "train" (one config for the saving forward and the backward).
-    One program per batch tile when it holds the layer (no barrier); otherwise the split config
-    with the fewest launches (launch_waves: one when the whole grid can be resident at once), then
-    the least MMA work per program (BLOCK_H x BLOCK_B rows), then fewer programs. A pinned config
-    (pin_config) overrides the choice field by field, and raises if it cannot run."""
-    pinned = tuple(sorted((_pinned.get() or {}).items()))
-    args = (cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target, pass_)
-    if tables is None:  # the static tables never change in a process: every layer call asks again
-        return _static_kernel_config(*args, pinned)
-    return _kernel_config(*args, pinned, tables)
+def _table_source(q, source):
+    """What `persistrnn tune` decided for this layer on this device in the `source` table ("tuned":
+    the user's, "shipped": the package's); None where the table has no entry for the layer, or its
+    config cannot run this call."""
+    index = None
+    if q.device.type == "cuda":
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    layer = cache.layer_key(q.cell, q.dtype, q.pass_, q.hidden_size, q.proj_size, q.num_directions, q.batch)
+    entry, path = cache.table_entry(_device_key(q.device.type, index, q.sms), layer, source)
+    if entry is None:
+        return None
+    where = f"the {source} table {path}"
+    if entry["choice"] == "torch":
+        return Choice(None, f"{where} chose PyTorch's native RNN for this layer: torch.nn took "
+                            f"{entry.get('torch_ms')} ms and the best kernel config {entry.get('ms')} ms "
+                            f"(T={entry.get('seq')})")
+    config = KernelConfig(**entry["config"])
+    if launch_waves(config, q.batch, q.hidden_size, q.num_directions, q.usable) is None:
+        return None
+    if source == "shipped" and not _shipped_config_on_chip(q.cell, q.dtype, q.proj_size > 0, config,
+                                                           q.proj_size or q.hidden_size, q.target,
+                                                           triton.cdiv(q.hidden_size, config.block_h), q.pass_, path):
+        return None
+    return Choice(config, f"config from {where}")
 
 
-@functools.lru_cache(maxsize=4096)
-def _static_kernel_config(*args):
-    return _kernel_config(*args, None)
+def tuned_source(q):
+    return _table_source(q, "tuned")
 
 
-def _kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions, sms, target, pass_, pinned, tables):
-    pinned = dict(pinned)
-    single = single_program_config(cell, dtype, hidden_size, target, pass_, tables)
-    split = split_program_configs(cell, dtype, hidden_size, proj_size, target, pass_, tables)
-    size = lambda c: programs(c, batch, hidden_size, num_directions)  # noqa: E731
-    waves = lambda c: len(launch_waves(c, batch, hidden_size, num_directions, sms) or range(1 << 30))  # noqa: E731
-    # one launch (all resident at once) first, else the fewest; then 16-unit blocks and more (a
-    # 64-row tile: wgmma), then the least MMA work
-    by_cost = sorted(split, key=lambda c: (waves(c), c.block_h < MIN_BLOCK, c.block_h * c.block_b, size(c),
-                                           c.block_h))
-    agrees = [c for c in ([single] if single else []) + by_cost
-              if all(getattr(c, k) == v for k, v in pinned.items())]
-    if agrees:
-        config = agrees[0]
-    elif single is not None and pinned.get("block_h", hidden_size) >= hidden_size:
-        config = single
-    else:
-        config = (by_cost or [single])[0]
-    if config is None and "block_h" not in pinned:
-        held = max((tables or TABLES)[target][pass_]["single"][(cell, dtype_name(dtype))], default=0)
-        kernels = "forward and backward kernels" if pass_ == "train" else "forward kernel"
-        return None, (f"hidden_size={hidden_size}{f', proj_size={proj_size}' if proj_size else ''} does not fit "
-                      f"on-chip for {cell} {dtype} on {target} ({kernels}): one program holds at most {held}, "
-                      f"and no split block holds a recurrent input of {proj_size or hidden_size}")
-    fields = dataclasses.asdict(config) if config else dict(block_b=BLOCK_B, num_warps=4, num_stages=1)
-    if "num_warps" in pinned and "backward_warps" not in pinned:  # one pinned warp count for both kernels
-        fields["backward_warps"] = None
-    config = KernelConfig(**{**fields, **pinned})
-    split = -(-hidden_size // config.block_h)
-    if config.block_h < MIN_BLOCK and (split == 1 or proj_size or dtype == torch.float64):
-        raise ValueError(f"pin_config({pinned}): block_h={config.block_h} runs only in the split tier "
-                         f"(block_h < hidden_size), without proj_size, and not in float64")
-    if launch_waves(config, batch, hidden_size, num_directions, sms) is None:
-        why = (f"the split tier needs the SPLIT={split} programs of a batch tile running at once, "
-               f"and this device holds {sms}")
-        if pinned:
-            raise ValueError(f"pin_config({pinned}) cannot run here: {why}")
-        return None, why
-    return config, None
+def shipped_source(q):
+    return _table_source(q, "shipped")
+
+
+def static_source(q):
+    """The static tables' choice for the SMs usable now (configs.kernel_config); always answers."""
+    config, why = kernel_config(q.cell, q.dtype, q.hidden_size, q.proj_size, q.batch, q.num_directions, q.usable,
+                                q.target, q.pass_)
+    if config is None:
+        return Choice(None, why + q.fewer())
+    return Choice(config, f"config from {STATIC_TABLES}")
+
+
+SOURCES = (pinned_source, tuned_source, shipped_source, static_source)
 
 
 def plan(cell, device, dtype, weight_dtype, hidden_size, proj_size, batch, num_directions,
          grad_needed) -> Dispatch:
-    transforms = torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+    transforms = transforms_active() or forward_ad_active()
     if transforms and not only_vmap_active():
         # the kernels read raw memory, which grad's wrapped tensors do not expose, and drop
         # forward-mode tangents: torch's ops step by step, which every transform differentiates
@@ -282,7 +230,7 @@ def _plan_kernels(cell, device, dtype, weight_dtype, hidden_size, proj_size, bat
     if name == "triton" and device.type != "cuda":
         raise RuntimeError(f"persistrnn backend 'triton' needs CUDA tensors, got {device.type} tensors "
                            "(use backend 'interpret' to run the kernels on CPU)")
-    if dtype not in KERNEL_DTYPES:
+    if dtype not in DTYPES:
         return Dispatch("torch", f"no kernel for dtype {dtype}")
     if dtype != weight_dtype:  # torch.nn raises its own error for this (the layer casts under autocast)
         return Dispatch("torch", f"input dtype {dtype} differs from weight dtype {weight_dtype}")
@@ -291,41 +239,24 @@ def _plan_kernels(cell, device, dtype, weight_dtype, hidden_size, proj_size, bat
         props = torch.cuda.get_device_properties(device)
         return Dispatch("torch", f"no kernel tables for {props.name} (compute capability {props.major}.{props.minor}, "
                                  f"{props.shared_memory_per_block_optin // 1024} KB shared memory per block)")
-    sms = device_sms(device)  # the device's identity (tuned tables)
-    usable = usable_sms(device, sms)  # what a launch may take
-    pass_ = "train" if grad_needed else "forward"
+    sms = device_sms(device)
+    q = Query(cell, device, dtype, hidden_size, proj_size, batch, num_directions,
+              "train" if grad_needed else "forward", target, sms, usable_sms(device, sms))
+    choice = next(c for c in (source(q) for source in SOURCES) if c is not None)
+    if choice.config is None:
+        return Dispatch("torch", choice.reason)
     what = "kernels (forward saving for backward, backward)" if grad_needed else "kernel"
-    if not _pinned.get():  # a pinned config overrides the tuned and shipped tables too
-        tuned, where = tuned_choice(cell, device, dtype, hidden_size, proj_size, batch, num_directions, sms,
-                                    target, pass_, usable)
-        if tuned == "torch":
-            return Dispatch("torch", where)
-        if tuned is not None:
-            return _kernel_dispatch(name, f"{what}; config from {where}", tuned, batch, hidden_size, num_directions,
-                                    sms, usable)
-    # a pin is judged by the device (pin_config raises where it can never run); with fewer SMs usable
-    # it runs in more launches, or torch runs
-    config, why = kernel_config(cell, dtype, hidden_size, proj_size, batch, num_directions,
-                                sms if _pinned.get() else usable, target, pass_)
-    if config is None:
-        return Dispatch("torch", why + _fewer(sms, usable))
-    return _kernel_dispatch(name, f"{what}; config from the static tables (autotune/tables.py)", config, batch,
-                            hidden_size, num_directions, sms, usable)
+    return _kernel_dispatch(name, f"{what}; {choice.reason}", choice.config, q)
 
 
-def _fewer(sms, usable):
-    return "" if usable == sms else (f" ({usable} of its {sms} SMs usable: the driver refused a larger cooperative "
-                                     "launch there)")
-
-
-def _kernel_dispatch(path, reason, config, batch, hidden_size, num_directions, sms, usable):
-    waves = launch_waves(config, batch, hidden_size, num_directions, usable)
+def _kernel_dispatch(path, reason, config, q):
+    waves = launch_waves(config, q.batch, q.hidden_size, q.num_directions, q.usable)
     if waves is None:  # a pinned config, where fewer SMs are usable than one batch tile's programs
-        return Dispatch("torch", f"{config} needs the {-(-hidden_size // config.block_h)} programs of a batch tile "
-                                 f"running at once{_fewer(sms, usable)}")
+        return Dispatch("torch", f"{config} needs the {triton.cdiv(q.hidden_size, config.block_h)} programs of a "
+                                 f"batch tile running at once{q.fewer()}")
     if len(waves) > 1:
         reason += (f"; in {len(waves)} launches one after another, each a block of batch tiles and directions "
-                   f"whose programs fit on {usable} SMs at once{_fewer(sms, usable)}")
+                   f"whose programs fit on {q.usable} SMs at once{q.fewer()}")
     return Dispatch(path, reason, config, waves)
 
 
@@ -333,33 +264,6 @@ def _kernel_dispatch(path, reason, config, batch, hidden_size, num_directions, s
 def _device_key(device_type, index, sms):
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
     return cache.device_key(device, sms)
-
-
-def tuned_choice(cell, device, dtype, hidden_size, proj_size, batch, num_directions, sms, target, pass_, usable):
-    """What `persistrnn tune` decided for this layer on this device: (config, where) from the
-    user's tuned table, else the shipped one; ("torch", why) where torch.nn won the timing;
-    (None, None) where neither table has the layer, or its config cannot run this call (then
-    the static tables decide). sms: the device's (its tables' key); usable: what a launch may take."""
-    index = None
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-    key = _device_key(device.type, index, sms)
-    entry, source, path = cache.lookup(key, cache.layer_key(cell, dtype, pass_, hidden_size, proj_size,
-                                                            num_directions, batch))
-    if entry is None:
-        return None, None
-    where = f"the {source} table {path}"
-    if entry["choice"] == "torch":
-        return "torch", (f"{where} chose PyTorch's native RNN for this layer: torch.nn took {entry.get('torch_ms')} ms "
-                         f"and the best kernel config {entry.get('ms')} ms (T={entry.get('seq')})")
-    config = KernelConfig(**entry["config"])
-    split = -(-hidden_size // config.block_h)
-    if launch_waves(config, batch, hidden_size, num_directions, usable) is None:
-        return None, None
-    if source == "shipped" and not _shipped_config_on_chip(cell, dtype, proj_size > 0, config,
-                                                           proj_size or hidden_size, target, split, pass_, path):
-        return None, None
-    return config, where
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ packed sequence does.
 import torch
 import torch.nn.functional as F
 
-from .functional import direction_weights, time_major
+from .layer import direction_weights, time_major
 
 
 def _lstm_step(x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr):

@@ -13,15 +13,28 @@ import torch._dynamo
 from torch import _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..kernels.skeleton import LaunchRefused
+from ..kernels.launcher import LaunchRefused
 from . import autocast, functional
-from .autograd import describe_layer
 from .dispatch import log, plan, refused
+from .layer import describe_layer
 
-# Dynamo refuses to trace any module that is a torch.nn.LSTM/GRU (ours subclass them) unless this
-# opt-in is set; with it, torch.compile(fullgraph=True) traces our forward down to its custom ops
-# (autograd.py). It applies to torch.nn's own RNN modules too: Dynamo then traces them as well.
-torch._dynamo.config.allow_rnn = True
+# Dynamo refuses to trace any torch.nn.LSTM/GRU module, ours too (they subclass them), unless its
+# process-wide `allow_rnn` is set. Setting it only while Dynamo wraps one of our layers lets
+# torch.compile(fullgraph=True) trace our forward down to its custom ops (autograd.py), and leaves
+# the config, and how Dynamo treats torch.nn's own RNN modules, as they were.
+def _allow_our_layers(wrap_module):
+    def wrap_module_allowing_ours(builder, value):
+        if isinstance(value, _PersistentRNN):
+            with torch._dynamo.config.patch(allow_rnn=True):
+                return wrap_module(builder, value)
+        return wrap_module(builder, value)
+
+    wrap_module_allowing_ours.__wrapped__ = wrap_module
+    return wrap_module_allowing_ours
+
+
+_VariableBuilder = torch._dynamo.variables.builder.VariableBuilder
+_VariableBuilder.wrap_module = _allow_our_layers(_VariableBuilder.wrap_module)
 
 
 # torch.compile calls it once when it traces a layer and keeps the result as a constant of the graph

@@ -7,8 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TOL, flat_outputs, rel_err
-from test_backward import gradients
+from helpers import TOL, flat_outputs, gradients, rel_err
 from torch import _VF, nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 

@@ -6,70 +6,12 @@ from torch.func import functional_call
 
 import persistrnn
 import persistrnn.kernels.backward as backward
-import persistrnn.kernels.skeleton as skeleton
-import persistrnn.layers.dispatch as dispatch
-from persistrnn.layers.autograd import _h_prev
+import persistrnn.configs as configs
+import persistrnn.kernels.launcher as launcher_mod
+from persistrnn.layers.layer import _h_prev
 
-from conftest import DTYPES, TOL, make_pair, rel_err, to64
-from test_layers import CELL_VARIANTS, INPUTS, VARIANTS, make_input
-
-
-def _leaves(x, hx):
-    """The differentiable inputs of one call: the input (or packed data) and h0 (c0)."""
-    data = x.data if isinstance(x, torch.nn.utils.rnn.PackedSequence) else x
-    states = () if hx is None else (hx if isinstance(hx, tuple) else (hx,))
-    return [data, *states]
-
-
-def _with_grad(x, hx):
-    """Copies of x and hx that require grad (a PackedSequence keeps its batch sizes and order)."""
-    if isinstance(x, torch.nn.utils.rnn.PackedSequence):
-        x = x._replace(data=x.data.detach().clone().requires_grad_())
-    else:
-        x = x.detach().clone().requires_grad_()
-    if hx is not None:
-        hx = tuple(h.detach().clone().requires_grad_() for h in hx) if isinstance(hx, tuple) \
-            else hx.detach().clone().requires_grad_()
-    return x, hx
-
-
-def _loss(result, weights):
-    """A loss that touches every output (output, h_n, c_n) with fixed random weights."""
-    output, hidden = result
-    if isinstance(output, torch.nn.utils.rnn.PackedSequence):
-        output = output.data
-    outs = [output, *(hidden if isinstance(hidden, tuple) else (hidden,))]
-    return sum((o * w.to(o.dtype)).sum() for o, w in zip(outs, weights))
-
-
-def gradients(module, x, hx, loss_weights=None):
-    """(loss, [d input, d h0, (d c0), d every parameter]) of one forward and backward."""
-    x, hx = _with_grad(x, hx)
-    result = module(x, hx)
-    if loss_weights is None:
-        output, hidden = result
-        outs = [output.data if isinstance(output, torch.nn.utils.rnn.PackedSequence) else output,
-                *(hidden if isinstance(hidden, tuple) else (hidden,))]
-        loss_weights = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
-    loss = _loss(result, loss_weights)
-    leaves = _leaves(x, hx) + list(module.parameters())
-    grads = torch.autograd.grad(loss, leaves, allow_unused=False)
-    return loss, grads, loss_weights
-
-
-def assert_gradients_match(ours, ref, x, hx, dtype):
-    _, got, weights = gradients(ours, x, hx)
-    assert ours.last_dispatch.path == "interpret", ours.last_dispatch
-    _, want, _ = gradients(ref, to64(x), to64(hx), weights)
-    names = ["input", "h0", "c0"][:len(_leaves(x, hx))] + [n for n, _ in ours.named_parameters()]
-    for name, g, w in zip(names, got, want):
-        assert g.shape == w.shape and g.dtype == dtype, name
-        assert torch.isfinite(g).all(), name
-        if not w.any():  # e.g. behind dropout=1: no relative error, ours must be zero too
-            assert not g.any(), name
-            continue
-        err = rel_err(g, w)
-        assert err <= TOL[dtype], f"{name}: relative error {err:.3e} > {TOL[dtype]:.0e}"
+from helpers import (CELL_VARIANTS, DTYPES, INPUTS, TOL, VARIANTS, assert_gradients_match, gradients, make_input,
+                     make_pair, rel_err, wait_that_does_not_wait)
 
 
 @pytest.mark.parametrize("kind", INPUTS)
@@ -100,7 +42,7 @@ def test_split_tier_gradients_match_torch_nn(cell, variant, block_h, interpret):
 def test_training_in_several_launches_matches_torch_nn(cell, monkeypatch, interpret):
     """On a device of 5 SMs, 2 batch tiles x SPLIT 4 x 2 directions run as 4 launches (one tile,
     one direction each), forward and backward, packed unsorted input with a state."""
-    monkeypatch.setattr(dispatch, "DEFAULT_SMS", 5)
+    monkeypatch.setattr(configs, "DEFAULT_SMS", 5)
     ours, ref = make_pair(cell, 5, 64, torch.float64, bidirectional=True)
     x, hx = make_input("packed_unsorted_with_state", ours, T=4, B=19, dtype=torch.float64)
     with persistrnn.pin_config(block_h=16, block_b=16):
@@ -145,20 +87,19 @@ def test_gradcheck_split_tier_with_proj(interpret):
 def sequential_backward_programs(monkeypatch):
     """Run the backward grid's programs one after another, as the stock interpreter does (the
     forward's still run at once)."""
-    real = skeleton.interpreted
+    real = launcher_mod.interpreted
 
     def launcher(kernel, concurrent=False):
         return real(kernel, concurrent=concurrent and kernel is not backward._rnn_backward_kernel)
 
-    monkeypatch.setattr(skeleton, "interpreted", launcher)
+    monkeypatch.setattr(launcher_mod, "interpreted", launcher)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_a_broken_backward_barrier_is_caught(cell, monkeypatch, sequential_backward_programs, interpret):
     """The split-tier gradient check fails when the backward's barrier does not wait: program 0
     runs every step before the others have written their shares of dh."""
-    from test_split import _wait_that_does_not_wait
-    monkeypatch.setattr(backward, "_wait", _wait_that_does_not_wait)
+    monkeypatch.setattr(backward, "_wait", wait_that_does_not_wait)
     ours, ref = make_pair(cell, 4, 32, torch.float64)
     x = torch.randn(5, 2, 4, dtype=torch.float64)
     with persistrnn.pin_config(block_h=16):
@@ -244,7 +185,7 @@ def test_only_the_state_requires_grad(interpret):
 
 def test_h_prev_reverse_direction_starts_at_each_rows_last_step():
     """The GEMM input of dW_hh: y shifted by one in each direction's time order, h0 at the start."""
-    from persistrnn.layers.autograd import Layer
+    from persistrnn.layers.layer import Layer
     T, B, R = 4, 3, 2
     y = torch.arange(T * B * 2 * R, dtype=torch.float64).reshape(T, B, 2 * R)
     h0 = -torch.ones(2, B, R, dtype=torch.float64)

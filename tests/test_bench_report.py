@@ -342,15 +342,15 @@ def test_the_bench_pins_the_static_config_unless_tuned(mode):
     import torch
 
     import persistrnn
+    from persistrnn import configs
     from persistrnn.autotune import cache
-    from persistrnn.kernels.skeleton import KernelConfig
-    from persistrnn.layers import dispatch
+    from persistrnn.kernels.config import KernelConfig
     case, cpu = _case(mode=mode), torch.device("cpu")
     static, why = bench_layer.static_config(case, cpu)
     assert why is None and static is not None
     tuned = KernelConfig(16, 16, 8, backward_warps=4 if mode == "train" else None)
     assert tuned != static
-    key = cache.device_key(cpu, dispatch.DEFAULT_SMS)
+    key = cache.device_key(cpu, configs.DEFAULT_SMS)
     layer_key = cache.layer_key("gru", torch.float32, mode, 32, 0, 1, 3)
     cache.write_entries(key, {layer_key: {"choice": "kernel", "config": dataclasses.asdict(tuned), "ms": 1.0,
                                           "torch_ms": 2.0, "seq": 4}})

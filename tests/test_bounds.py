@@ -10,11 +10,10 @@ from torch.nn.utils.rnn import pack_sequence
 
 import persistrnn
 import persistrnn.kernels.backward as backward
-import persistrnn.layers.dispatch as dispatch
+import persistrnn.configs as configs
 from address_checker import checking_addresses
 
-from conftest import assert_close_to_ref, make_pair
-from test_backward import assert_gradients_match, gradients
+from helpers import assert_close_to_ref, assert_gradients_match, gradients, make_pair
 
 # (cell, hidden, block_h or None for one program, layer options, dtype)
 CASES = [
@@ -58,7 +57,7 @@ def test_every_access_is_inside_a_tensor(cell, hidden, block_h, options, dtype, 
 def test_several_launches_stay_inside_their_rows(monkeypatch, interpret):
     """On a device of 5 SMs, 2 batch tiles x SPLIT 4 x 2 directions run as 4 launches per pass, each
     on views of its own rows."""
-    monkeypatch.setattr(dispatch, "DEFAULT_SMS", 5)
+    monkeypatch.setattr(configs, "DEFAULT_SMS", 5)
     ours, ref = make_pair("lstm", 3, 64, torch.float64, bidirectional=True)
     x, hx = _packed(ours, [3] + [1, 2, 3] * 6, torch.float64)
     with persistrnn.pin_config(block_h=16, block_b=16), checking_addresses() as report:

@@ -66,7 +66,7 @@ def test_inspect_names_a_layer_no_kernel_holds(capsys):
 def test_capacity_coverage(target, capsys):
     """The coverage grid: 2 cells x 3 dtypes x 6 hidden sizes x 7 batches x 2 directions x 2 passes;
     each fraction is that of its layers the planner runs on the kernels."""
-    from persistrnn.layers.dispatch import kernel_config, launch_waves
+    from persistrnn.configs import kernel_config, launch_waves
     assert main(["capacity", "--coverage", "--target", target, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["layers"] == 1008 == len(report["by_layer"]) and len(report["rows"]) == 6

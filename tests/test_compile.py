@@ -2,13 +2,18 @@
 fullgraph=True traces the layer down to its custom ops (layers/autograd.py) with no graph break,
 gives eager's outputs and gradients, and does not recompile for the same shapes; the two custom
 ops pass torch.library.opcheck (schema, fake implementations, autograd registration)."""
+import inspect
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.variables.builder import VariableBuilder
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import persistrnn
 import persistrnn.layers.autograd as autograd_mod
+import persistrnn.layers.functional as functional
+import persistrnn.layers.layer as layer_mod
 
 
 class Model(torch.nn.Module):
@@ -131,22 +136,23 @@ def test_packed_input_compiles_with_a_graph_break(interpret):
 
 
 def test_breaking_the_mechanism_breaks_fullgraph(interpret, monkeypatch):
-    """Without Dynamo's opt-in for RNN modules (set when persistrnn is imported), or with the layer
+    """Without Dynamo's RNN opt-in set while it wraps our layers (layers/rnn.py), or with the layer
     run as plain Python instead of the custom op, fullgraph=True fails."""
     model = Model("gru")
     x, hx = _inputs(model, 4)
-    with torch._dynamo.config.patch(allow_rnn=False), pytest.raises(torch._dynamo.exc.Unsupported, match="RNN"):
+    with monkeypatch.context() as patch, pytest.raises(torch._dynamo.exc.Unsupported, match="RNN"):
+        patch.setattr(VariableBuilder, "wrap_module", inspect.unwrap(VariableBuilder.wrap_module))
         torch.compile(model, fullgraph=True, backend="eager")(x, hx)
     torch._dynamo.reset()
 
     model(x, hx)
-    layer = autograd_mod.layer_from_spec(model.rnn.last_dispatch.spec)
+    layer = layer_mod.layer_from_spec(model.rnn.last_dispatch.spec)
 
     def without_the_op(spec, x, lengths, h0, c0, weights, save):
-        y, hn, cn, _ = autograd_mod.layer_forward(layer, x, h0, c0, lengths, weights, save=save)
+        y, hn, cn, _ = layer_mod.layer_forward(layer, x, h0, c0, lengths, weights, save=save)
         return y, hn, cn
 
-    monkeypatch.setattr(autograd_mod, "run_layer", without_the_op)
+    monkeypatch.setattr(functional, "run_layer", without_the_op)
     assert torch.equal(model(x, hx), model(x, hx))  # eagerly, the same layer
     with pytest.raises(torch._dynamo.exc.TorchDynamoException) as error:
         torch.compile(model, fullgraph=True, backend="eager")(x, hx)

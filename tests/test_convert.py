@@ -7,7 +7,7 @@ from torch import nn
 
 import persistrnn
 
-from conftest import rel_err
+from helpers import rel_err
 
 
 @pytest.mark.parametrize("cell,kwargs", [("lstm", dict(proj_size=3)), ("lstm", {}), ("gru", dict(bias=False))])

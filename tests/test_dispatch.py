@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import persistrnn
-import persistrnn.layers.functional as functional
-from persistrnn.autotune.tables import TABLES
+import persistrnn.configs as configs
+import persistrnn.layers.backend as backend
+import persistrnn.layers.dispatch as dispatch
 
-from conftest import make_pair, rel_err
+from helpers import make_pair, rel_err
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -23,7 +24,7 @@ def test_kernel_runs_once_per_layer(cell, launches, interpret):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_too_large_for_the_kernels_falls_back_visibly(cell, launches, interpret, caplog):
     """float64 has no split tier: one more unit than one program holds goes to torch, visibly."""
-    limit = max(TABLES["sm_90"]["forward"]["single"][(cell, "float64")])
+    limit = max(configs.static_tables("sm_90")["forward"]["single"][(cell, "float64")])
     ours, ref = make_pair(cell, 4, limit + 1, torch.float64)
     x = torch.randn(3, 2, 4, dtype=torch.float64)
     with torch.no_grad(), caplog.at_level(logging.DEBUG, logger="persistrnn"):
@@ -37,10 +38,10 @@ def test_too_large_for_the_kernels_falls_back_visibly(cell, launches, interpret,
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_grad_enabled_runs_the_training_kernels(cell, launches, interpret, monkeypatch):
-    import persistrnn.layers.autograd as autograd
+    import persistrnn.layers.layer as layer
     backward_calls = []
-    real_backward = autograd.rnn_backward
-    monkeypatch.setattr(autograd, "rnn_backward", lambda *a, **k: backward_calls.append(k) or real_backward(*a, **k))
+    real_backward = layer.rnn_backward
+    monkeypatch.setattr(layer, "rnn_backward", lambda *a, **k: backward_calls.append(k) or real_backward(*a, **k))
     ours, _ = make_pair(cell, 4, 8, torch.float64, bidirectional=True, num_layers=2)
     x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
     ours(x)[0].square().sum().backward()
@@ -112,13 +113,13 @@ def test_fp32_precision_api_of_torch_is_honoured(interpret):
     saved = rnn_flags.fp32_precision
     try:
         rnn_flags.fp32_precision = "ieee"
-        assert not functional.cudnn_rnn_allows_tf32()
+        assert not backend.cudnn_rnn_allows_tf32()
         ours, ref = make_pair("gru", 4, 8, torch.float32)
         x = torch.randn(3, 2, 4)
         with torch.no_grad():
             assert rel_err(ours(x)[0], ref(x.double())[0]) < 1e-5
         rnn_flags.fp32_precision = "tf32"
-        assert functional.cudnn_rnn_allows_tf32()
+        assert backend.cudnn_rnn_allows_tf32()
     finally:
         rnn_flags.fp32_precision = saved
 
@@ -133,24 +134,25 @@ def test_gpus_with_less_shared_memory_than_the_tables_run_torch(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
     cuda = torch.device("cuda")
-    assert dispatch.target_of(cuda) is None
+    assert configs.target_of(cuda) is None
     with persistrnn.backend("triton"):
         d = dispatch.plan("gru", cuda, torch.float16, torch.float16, 64, 0, 8, 1, grad_needed=False)
     assert d.path == "torch" and "NVIDIA L4" in d.reason and "99 KB" in d.reason
     props.shared_memory_per_block_optin = 227 * 1024
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert dispatch.target_of(cuda) == "sm_90"
+    assert configs.target_of(cuda) == "sm_90"
 
 
 def test_the_remembered_static_choice_follows_the_pins(interpret):
     """kernel_config remembers its answers from the static tables per call arguments and pins: a pin
     set after an unpinned call applies, and leaving it restores the table's choice."""
-    from persistrnn.layers.dispatch import DEFAULT_SMS, kernel_config
+    from persistrnn.configs import DEFAULT_SMS, kernel_config
     args = ("gru", torch.float32, 64, 0, 4, 1, DEFAULT_SMS)
-    table_choice, _ = kernel_config(*args)
+    table_choice, _ = kernel_config(*args, pinned=dispatch.pins())
     other_warps = 8 if table_choice.num_warps != 8 else 4
     with persistrnn.pin_config(num_warps=other_warps):
-        pinned, _ = kernel_config(*args)
+        pinned, _ = kernel_config(*args, pinned=dispatch.pins())
         with pytest.raises(ValueError, match="pin_config"), persistrnn.pin_config(block_h=8):
-            kernel_config("gru", torch.float64, 64, 0, 4, 1, DEFAULT_SMS)  # float64 has no split tier
-    assert pinned.num_warps == other_warps and kernel_config(*args)[0] == table_choice
+            # float64 has no split tier
+            kernel_config("gru", torch.float64, 64, 0, 4, 1, DEFAULT_SMS, pinned=dispatch.pins())
+    assert pinned.num_warps == other_warps and kernel_config(*args, pinned=dispatch.pins())[0] == table_choice

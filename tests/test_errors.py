@@ -4,7 +4,7 @@ import torch
 
 import persistrnn
 
-from conftest import make_pair
+from helpers import make_pair
 
 
 def torch_error(fn):

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 import persistrnn
-from persistrnn.layers import dispatch
+from persistrnn import configs
 from persistrnn.layers.check import relative_error, tolerance
 
 pytestmark = pytest.mark.gpu
@@ -32,19 +32,19 @@ UNLIMITED_SMS = 1 << 20
 
 
 def _sms():
-    return dispatch.device_sms(torch.device("cuda", torch.cuda.current_device()))
+    return configs.device_sms(torch.device("cuda", torch.cuda.current_device()))
 
 
 def _plan(cell, dtype, hidden, batch, directions, pass_="forward", proj_size=0, sms=None):
     """(config, waves, why): what the planner's static tables give a layer on this GPU (or on `sms`
-    SMs): the config or None (then why), and its launches (dispatch.launch_waves)."""
+    SMs): the config or None (then why), and its launches (configs.launch_waves)."""
     device = torch.device("cuda", torch.cuda.current_device())
-    target = dispatch.target_of(device)
+    target = configs.target_of(device)
     if target is None:
         return None, None, f"no kernel tables for {torch.cuda.get_device_name(device)}"
     sms = sms or _sms()
-    config, why = dispatch.kernel_config(cell, dtype, hidden, proj_size, batch, directions, sms, target, pass_)
-    return config, config and dispatch.launch_waves(config, batch, hidden, directions, sms), why
+    config, why = configs.kernel_config(cell, dtype, hidden, proj_size, batch, directions, sms, target, pass_)
+    return config, config and configs.launch_waves(config, batch, hidden, directions, sms), why
 
 
 def _skip_if_the_sms_are_too_few(cell, dtype, hidden, batch, directions, pass_="forward", proj_size=0):
@@ -138,7 +138,7 @@ def test_grid_larger_than_the_sms_runs_in_launches(cell, dtype, hidden, batch):
         config, waves, why = _plan(cell, dtype, hidden, batch, 2, pass_)
         assert config is not None, why
         if len(waves) == 1:
-            pytest.skip(f"{pass_} pass: the grid of {dispatch.programs(config, batch, hidden, 2)} programs "
+            pytest.skip(f"{pass_} pass: the grid of {configs.programs(config, batch, hidden, 2)} programs "
                         f"({config}) fits on {_sms()} SMs at once: one launch")
     ours, ref = _pair(cell, hidden, dtype, dict(bidirectional=True))
     x = torch.randn(16, batch, 64, device="cuda", dtype=dtype)
@@ -160,19 +160,19 @@ def test_grid_larger_than_the_sms_runs_in_launches(cell, dtype, hidden, batch):
 def test_barrier_timeout_raises_on_the_gpu(monkeypatch):
     """With no polls allowed, 32 programs cannot all meet at every one of 256 steps: the kernel
     must flag it and the host raise."""
-    import persistrnn.kernels.skeleton as skeleton
+    import persistrnn.kernels.exchange as exchange
     if _sms() < 512 // 16:
         pytest.skip(f"the 32 programs of a batch tile do not fit on {_sms()} SMs at once")
-    monkeypatch.setitem(skeleton.MAX_SPIN, "compiled", 0)
+    monkeypatch.setitem(exchange.MAX_SPIN, "compiled", 0)
     ours, _ = _pair("gru", 512, torch.float16, {})
     x = torch.randn(256, 16, 64, device="cuda", dtype=torch.float16)
     with torch.no_grad(), persistrnn.backend("triton"), persistrnn.pin_config(block_h=16):
         ours(x)  # no host sync in the launch: the flag is read at the next check point
-        with pytest.raises(skeleton.BarrierTimeout):
+        with pytest.raises(exchange.BarrierTimeout):
             persistrnn.raise_if_failed()
         ours(x)
         torch.cuda.synchronize()  # the flag's copy has landed: the next launch raises
-        with pytest.raises(skeleton.BarrierTimeout):
+        with pytest.raises(exchange.BarrierTimeout):
             ours(x)
         persistrnn.raise_if_failed()
 

@@ -10,10 +10,13 @@ import time
 
 import pytest
 
-CONFTEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conftest.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFTEST = os.path.join(HERE, "conftest.py")
 
 HARNESS = f"""
 import importlib.util
+import sys
+sys.path.insert(0, {HERE!r})  # tests/conftest.py imports from tests/helpers.py
 spec = importlib.util.spec_from_file_location("persistrnn_tests_conftest", {CONFTEST!r})
 ours = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ours)
@@ -87,11 +90,11 @@ def test_a_hung_gpu_test_prints_its_name_and_traceback_and_exits(tmp_path):
 
 
 def test_the_timeout_is_read_from_the_environment(monkeypatch):
-    import conftest
+    import helpers
     monkeypatch.delenv("PERSISTRNN_GPU_TEST_TIMEOUT", raising=False)
-    assert conftest.gpu_test_timeout() == 120
+    assert helpers.gpu_test_timeout() == 120
     monkeypatch.setenv("PERSISTRNN_GPU_TEST_TIMEOUT", "7.5")
-    assert conftest.gpu_test_timeout() == 7.5
+    assert helpers.gpu_test_timeout() == 7.5
     monkeypatch.setenv("PERSISTRNN_GPU_TEST_TIMEOUT", "soon")
     with pytest.raises(pytest.UsageError, match="expected seconds"):
-        conftest.gpu_test_timeout()
+        helpers.gpu_test_timeout()

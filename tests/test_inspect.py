@@ -6,7 +6,8 @@ product on wgmma, no reduction across warps, each cell element's transcendentals
 import pytest
 import torch
 
-from persistrnn.autotune.inspect import access_bytes, inspect_layer, parse_sass, step_mix, time_loop
+from persistrnn.autotune.inspect import inspect_layer
+from persistrnn.autotune.sass import access_bytes, parse_sass, step_mix, time_loop
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from persistrnn.kernels.forward import rnn_forward
-from persistrnn.layers.dispatch import single_program_config
+from persistrnn.configs import single_program_config
 from persistrnn.kernels.backward import rnn_backward
 from persistrnn.kernels.forward import SAVED
-from persistrnn.layers.functional import layer_weights
+from persistrnn.layers.layer import layer_weights
 
-from conftest import DTYPES, TOL, make_pair, rel_err
+from helpers import DTYPES, TOL, make_pair, rel_err
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -112,7 +112,7 @@ def _forward_backward_in_waves(cell, dtype, waves):
     forward with SAVE then backward, launched as `waves`, every output poisoned first. Returns the
     outputs (y, h_n, dgates @ W_ih, dh0[, c_n, dc0]) and torch.nn's float64 (y, h_n, dx, dh0[, c_n,
     dc0]), the LSTM's c at the end."""
-    from persistrnn.kernels.skeleton import KernelConfig
+    from persistrnn.kernels.config import KernelConfig
     T, B, I, H = 4, 37, 5, 32
     ours, ref = make_pair(cell, I, H, dtype, bidirectional=True)
     G = 4 if cell == "lstm" else 3
@@ -145,8 +145,8 @@ def _forward_backward_in_waves(cell, dtype, waves):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_launches_in_waves_write_every_output(cell, dtype, sms):
-    from persistrnn.kernels.skeleton import KernelConfig
-    from persistrnn.layers.dispatch import launch_waves
+    from persistrnn.kernels.config import KernelConfig
+    from persistrnn.configs import launch_waves
     waves = launch_waves(KernelConfig(16, 16), 37, 32, 2, sms)
     assert len(waves) == (3 if sms == 4 else 6)
     got, want = _forward_backward_in_waves(cell, dtype, waves)
@@ -159,8 +159,8 @@ def test_launches_in_waves_write_every_output(cell, dtype, sms):
 def test_waves_that_ignore_their_offsets_fail(broken):
     """The waves' offsets are what places each launch: launching every wave at tile 0 (or
     direction 0) leaves outputs unwritten or wrong, and the check above catches it."""
-    from persistrnn.kernels.skeleton import KernelConfig
-    from persistrnn.layers.dispatch import launch_waves
+    from persistrnn.kernels.config import KernelConfig
+    from persistrnn.configs import launch_waves
     waves = launch_waves(KernelConfig(16, 16), 37, 32, 2, 3)
     index = 0 if broken == "tile0" else 2
     bad = tuple(w[:index] + (0,) + w[index + 1:] for w in waves)

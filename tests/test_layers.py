@@ -3,55 +3,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import persistrnn
-from persistrnn.layers.dispatch import DEFAULT_SMS, kernel_config
+from persistrnn.configs import DEFAULT_SMS, kernel_config
 
-from conftest import DTYPES, assert_close_to_ref, make_pair
-
-VARIANTS = {
-    "plain": {},
-    "two_layers": dict(num_layers=2),
-    "bidirectional": dict(bidirectional=True),
-    "batch_first": dict(batch_first=True),
-    "no_bias": dict(bias=False),
-    "proj": dict(proj_size=5),
-    "deep_bidir_batch_first_proj": dict(num_layers=2, bidirectional=True, batch_first=True, proj_size=7),
-    "dropout_in_eval": dict(num_layers=2, dropout=0.5),
-}
-INPUTS = ["padded", "padded_with_state", "packed_sorted", "packed_unsorted_with_state", "unbatched"]
-
-
-def make_input(kind, module, T, B, dtype):
-    """An input of `kind` for `module`, and an initial state (or None)."""
-    I = module.input_size
-    D = 2 if module.bidirectional else 1
-    R = module.proj_size or module.hidden_size
-    with_state = kind.endswith("with_state")
-    if kind.startswith("packed"):
-        lengths = torch.randint(1, T + 1, (B,))
-        lengths[torch.randint(0, B, ())] = T
-        seqs = [torch.randn(int(n), I, dtype=dtype) for n in lengths]
-        if kind == "packed_sorted":
-            seqs.sort(key=len, reverse=True)
-        x = pack_sequence(seqs, enforce_sorted=kind == "packed_sorted")
-    elif kind == "unbatched":
-        x = torch.randn(T, I, dtype=dtype)
-        B = None
-    else:
-        x = torch.randn(*((B, T) if module.batch_first else (T, B)), I, dtype=dtype)
-    if not with_state:
-        return x, None
-    batch = () if B is None else (B,)
-    h0 = torch.randn(module.num_layers * D, *batch, R, dtype=dtype)
-    if isinstance(module, torch.nn.LSTM):
-        return x, (h0, torch.randn(module.num_layers * D, *batch, module.hidden_size, dtype=dtype))
-    return x, h0
-
-
-CELL_VARIANTS = [(cell, v) for cell in ("lstm", "gru") for v in VARIANTS
-                 if cell == "lstm" or "proj_size" not in VARIANTS[v]]  # proj_size is LSTM only
+from helpers import CELL_VARIANTS, DTYPES, INPUTS, VARIANTS, assert_close_to_ref, make_input, make_pair
 
 
 @pytest.mark.parametrize("kind", INPUTS)

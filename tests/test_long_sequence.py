@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import persistrnn.kernels.cells as cells
-from persistrnn.kernels.skeleton import emulating_math
+from persistrnn.kernels.fastmath import emulating_math
 
-from conftest import flat_outputs, make_pair, rel_err
+from helpers import flat_outputs, make_pair, rel_err
 
 T, B, HIDDEN, MEMORY_BIAS = 1024, 4, 16, 4.0
 ALLOWED = 1.5  # the fast result's error against float64, over the exact one's

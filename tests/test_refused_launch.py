@@ -5,15 +5,15 @@ import warnings
 
 import pytest
 import torch
+import triton
 
 import persistrnn
-import persistrnn.kernels.skeleton as skeleton
+import persistrnn.configs as configs
+import persistrnn.kernels.launcher as launcher
 import persistrnn.layers.dispatch as dispatch
-from persistrnn.kernels.skeleton import LaunchRefused
+from persistrnn.kernels.launcher import LaunchRefused
 
-from conftest import TOL, assert_close_to_ref, make_pair, rel_err, to64
-from test_backward import _leaves, _loss, _with_grad
-from test_layers import make_input
+from helpers import TOL, _leaves, _loss, _with_grad, assert_close_to_ref, make_input, make_pair, rel_err, to64
 
 # what triton 3.6's launcher raises when cuLaunchKernelEx fails with CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE
 TOO_LARGE = "Triton Error [CUDA]: too many blocks in cooperative launch"
@@ -37,7 +37,7 @@ def driver(monkeypatch):
     """A device that holds 132 SMs on paper and `driver.limit` programs at once, with nothing learned yet."""
     monkeypatch.setattr(dispatch, "_usable_sms", {})
     state = Driver(limit=132)
-    real = skeleton._start
+    real = launcher._start
 
     def start(kernel, grid, *args, what, **kwargs):
         programs = grid[0] * grid[1] * grid[2]
@@ -47,7 +47,7 @@ def driver(monkeypatch):
         state.launches.append((what, programs))
         return real(kernel, grid, *args, what=what, **kwargs)
 
-    monkeypatch.setattr(skeleton, "_start", start)
+    monkeypatch.setattr(launcher, "_start", start)
     with persistrnn.backend("interpret"), persistrnn.pin_config(**PIN):
         yield state
 
@@ -127,7 +127,7 @@ def test_other_launch_errors_propagate_unchanged(driver, monkeypatch, split, mes
     def start(kernel, grid, *args, **kwargs):
         raise error
 
-    monkeypatch.setattr(skeleton, "_start", start)
+    monkeypatch.setattr(launcher, "_start", start)
     ours, _ = make_pair("lstm", dtype=torch.float64, **SIZES)
     x = torch.randn(T, 2, 4, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
@@ -140,16 +140,16 @@ def test_other_launch_errors_propagate_unchanged(driver, monkeypatch, split, mes
 def test_tuned_tables_keep_the_devices_own_identity(driver, monkeypatch):
     """What was learned changes the launches, not which device's tuned table is asked."""
     asked = []
-    monkeypatch.setattr(dispatch.cache, "lookup", lambda key, layer: asked.append(key) or (None, None, None))
+    monkeypatch.setattr(dispatch.cache, "table_entry", lambda key, layer, source: asked.append(key) or (None, None))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dispatch.refused(LaunchRefused(12, torch.device("cpu")))
     with persistrnn.pin_config(block_h=None):  # unpinned: the tables are asked
         # float32 H = 64 is split-tier: more than one program holds
         planned = dispatch.plan("lstm", torch.device("cpu"), torch.float32, torch.float32, 64, 0, 400, 2, False)
-    assert asked and all(key["sms"] == dispatch.DEFAULT_SMS for key in asked)
+    assert asked and all(key["sms"] == configs.DEFAULT_SMS for key in asked)
     assert planned.path == "interpret" and dispatch.usable_sms(torch.device("cpu")) == 11
-    split = -(-64 // planned.config.block_h)
+    split = triton.cdiv(64, planned.config.block_h)
     assert split > 1 and max(tiles * split * dirs for _, tiles, _, dirs in planned.waves) <= 11
 
 

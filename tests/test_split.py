@@ -2,17 +2,14 @@
 under the interpreter. Parity with torch.nn in float64, a broken barrier caught, a timeout raised."""
 import pytest
 import torch
-import triton
-import triton.language as tl  # noqa: F401  (the interpreter needs tl in a jit function's globals)
 
 import persistrnn
+import persistrnn.configs as configs
 import persistrnn.kernels.forward as forward
-import persistrnn.kernels.skeleton as skeleton
-import persistrnn.layers.dispatch as dispatch
-from persistrnn.kernels.forward import BarrierTimeout
+import persistrnn.kernels.launcher as launcher
+from persistrnn.kernels.exchange import BarrierTimeout
 
-from conftest import TOL, assert_close_to_ref, make_pair, rel_err
-from test_layers import make_input
+from helpers import TOL, assert_close_to_ref, make_input, make_pair, rel_err, wait_that_does_not_wait
 
 CASES = [  # (cell, hidden, block_h, layer kwargs, input kind)
     ("lstm", 32, 16, {}, "padded_with_state"),
@@ -55,19 +52,14 @@ def _run_split_lstm(monkeypatch):
 @pytest.fixture
 def sequential_programs(monkeypatch):
     """Run the grid's programs one after another, as the stock interpreter does."""
-    real = skeleton.interpreted
-    monkeypatch.setattr(skeleton, "interpreted", lambda kernel, concurrent=False: real(kernel))
-
-
-@triton.jit
-def _wait_that_does_not_wait(counter_ptr, target, alive, MAX_SPIN, INTERPRET: tl.constexpr):
-    return alive
+    real = launcher.interpreted
+    monkeypatch.setattr(launcher, "interpreted", lambda kernel, concurrent=False: real(kernel))
 
 
 def test_a_broken_barrier_is_caught(monkeypatch, sequential_programs):
     """With a barrier that does not wait, program 0 runs every step before program 1 has written
     its half of h: the parity check must fail."""
-    monkeypatch.setattr(forward, "_wait", _wait_that_does_not_wait)
+    monkeypatch.setattr(forward, "_wait", wait_that_does_not_wait)
     got, want = _run_split_lstm(monkeypatch)
     assert not (rel_err(got, want) <= TOL[torch.float64])
 
@@ -120,11 +112,11 @@ def test_grid_larger_than_the_device_runs_in_launches(interpret):
 def test_split_wider_than_the_device_raises_or_runs_torch(interpret, monkeypatch):
     """A batch tile's SPLIT programs must all be resident: with fewer SMs than SPLIT a pinned
     config raises, and the planner runs torch, saying why."""
-    monkeypatch.setattr(dispatch, "DEFAULT_SMS", 3)
+    monkeypatch.setattr(configs, "DEFAULT_SMS", 3)
     ours, _ = make_pair("lstm", 4, 64, torch.float32)
     with persistrnn.pin_config(block_h=16), torch.no_grad(), pytest.raises(ValueError, match="at once"):
         ours(torch.randn(2, 3, 4))  # SPLIT = 4 > 3 SMs
-    config, why = dispatch.kernel_config("lstm", torch.float32, 1024, 0, 16, 1, sms=3)
+    config, why = configs.kernel_config("lstm", torch.float32, 1024, 0, 16, 1, sms=3)
     assert config is None and "holds 3" in why
 
 

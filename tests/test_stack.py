@@ -10,10 +10,11 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call, grad, jacrev, vmap
 
 import persistrnn
-import persistrnn.kernels.skeleton as skeleton
+import persistrnn.kernels.exchange as exchange
+import persistrnn.kernels.launcher as launcher
 import persistrnn.layers.autograd as autograd_mod
 
-from conftest import make_pair
+from helpers import make_pair
 
 # calls that wait for the device when their tensor is on a GPU
 SYNCING = {"item": torch.Tensor, "cpu": torch.Tensor, "tolist": torch.Tensor, "__bool__": torch.Tensor,
@@ -25,7 +26,7 @@ def no_syncing_calls():
     """Make the calls that synchronize on a GPU raise, except inside a kernel (the interpreter runs
     the kernels on the host, where it reads tensors: that is the GPU's own work)."""
     inside = []
-    real_interpreted = skeleton.interpreted
+    real_interpreted = launcher.interpreted
 
     def forbid(name, real):
         def call(*args, **kwargs):
@@ -48,7 +49,7 @@ def no_syncing_calls():
             return run
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(skeleton, "interpreted", lambda kernel, **kw: Kernel(real_interpreted(kernel, **kw)))
+        mp.setattr(launcher, "interpreted", lambda kernel, **kw: Kernel(real_interpreted(kernel, **kw)))
         for name, owner in SYNCING.items():
             mp.setattr(owner, name, forbid(name, getattr(owner, name)))
         yield
@@ -87,9 +88,9 @@ def test_the_sync_check_catches_a_sync(monkeypatch, interpret):
     trips it."""
     ours, _ = make_pair("lstm", 4, 32, torch.float32)
     x = torch.randn(3, 5, 4)
-    real_check = skeleton.check_barriers
-    monkeypatch.setattr(skeleton, "check_barriers", lambda device, wait=False: (
-        skeleton._watch(device).count.item(), real_check(device, wait)))
+    real_check = launcher.check_barriers
+    monkeypatch.setattr(launcher, "check_barriers", lambda device, wait=False: (
+        exchange._watch(device).count.item(), real_check(device, wait)))
     with persistrnn.pin_config(block_h=16), torch.no_grad():
         ours(x)
         with no_syncing_calls(), pytest.raises(AssertionError, match="synchronizing call.*item"):

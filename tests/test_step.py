@@ -1,4 +1,4 @@
-"""The mechanisms of the time step (kernels/skeleton.py), run by the interpreter against torch.nn in
+"""The mechanisms of the time step (kernels/tiles.py, exchange.py, fastmath.py), run by the interpreter against torch.nn in
 float64: loads ahead of the barrier, h read back in groups of K-chunks, batch tiles of 32 and 64
 rows, exact K for widths that are not powers of two, the hardware's transcendentals (emulated on CPU
 at their documented error). Each mechanism is also broken on purpose: the check must fail."""
@@ -10,15 +10,15 @@ import triton.language as tl
 import persistrnn
 import persistrnn.kernels.backward as backward
 import persistrnn.kernels.forward as forward
-import persistrnn.kernels.skeleton as skeleton
+import persistrnn.kernels.config as config_mod
+import persistrnn.kernels.fastmath as fastmath
+import persistrnn.kernels.launcher as launcher
 import persistrnn.kernels.cells as cells
 from persistrnn.kernels.cells import (ACCURATE, APPROX, EXACT, HIGH, LOW, NONE, memory_sigmoid, sigmoid,
                                         tanh)
-from persistrnn.kernels.skeleton import k_chunks, recurrent_chunks
+from persistrnn.kernels.config import k_chunks, recurrent_chunks
 
-from conftest import TOL, assert_close_to_ref, make_pair, rel_err
-from test_backward import assert_gradients_match, gradients
-from test_layers import make_input
+from helpers import TOL, assert_close_to_ref, assert_gradients_match, gradients, make_input, make_pair, rel_err
 
 
 @triton.jit
@@ -51,9 +51,9 @@ def test_loading_ahead_the_wrong_step_is_caught(cell, monkeypatch, interpret):
 def test_h_read_back_in_groups_of_chunks(cell, monkeypatch, interpret):
     """With the group size cut to one K-chunk, the split tier reads h back chunk by chunk
     (H = 200, fp64: six chunks of 32 and one of 16), and still matches."""
-    monkeypatch.setattr(skeleton, "H_GROUP_BYTES", 1)
+    monkeypatch.setattr(config_mod, "H_GROUP_BYTES", 1)
     launches = []
-    real = skeleton.launch
+    real = launcher.launch
     monkeypatch.setattr(forward, "launch", lambda *a, **k: launches.append(a[3]) or real(*a, **k))
     ours, ref = make_pair(cell, 3, 200, torch.float64)
     x, hx = make_input("padded_with_state", ours, T=3, B=3, dtype=torch.float64)
@@ -82,9 +82,9 @@ def test_exact_k_chunks():
     assert k_chunks(1) == (16,)
     for width in range(1, 1100):
         chunks = k_chunks(width)
-        assert sum(chunks) == -(-width // 16) * 16
-        assert all(c & (c - 1) == 0 and 16 <= c <= skeleton.K_CHUNK for c in chunks)
-    assert k_chunks(200, skeleton.FMA_K_CHUNK) == (32,) * 6 + (16,)
+        assert sum(chunks) == triton.cdiv(width, 16) * 16
+        assert all(c & (c - 1) == 0 and 16 <= c <= config_mod.K_CHUNK for c in chunks)
+    assert k_chunks(200, config_mod.FMA_K_CHUNK) == (32,) * 6 + (16,)
     # one program without proj_size multiplies its own [BLOCK_H, BLOCK_B] h tile
     assert recurrent_chunks(1, False, 64, 40) == (64,)
     assert recurrent_chunks(1, True, 64, 40) == (32, 16)
@@ -93,8 +93,8 @@ def test_exact_k_chunks():
 
 def test_k_chunks_follow_the_mma():
     """128-wide on tensor cores (fp16, bf16, fp32 with TF32), 32-wide for FMA and fp64 dots."""
-    config = skeleton.KernelConfig(16, 16)
-    chunks = lambda dtype, tf32: skeleton.kernel_constexprs("lstm", dtype, False, 4, config, 256, interpret=False,  # noqa: E731
+    config = config_mod.KernelConfig(16, 16)
+    chunks = lambda dtype, tf32: config_mod.kernel_constexprs("lstm", dtype, False, 4, config, 256, interpret=False,  # noqa: E731
                                                             allow_tf32=tf32)["CHUNKS"]
     assert chunks(torch.bfloat16, False) == chunks(torch.float16, False) == chunks(torch.float32, True) == (128, 128)
     assert chunks(torch.float32, False) == chunks(torch.float64, True) == (32,) * 8
@@ -115,7 +115,7 @@ def test_width_not_a_power_of_two(cell, interpret):
 
 
 def test_math_is_chosen_by_the_dtype():
-    mode = skeleton.math_mode
+    mode = fastmath.math_mode
     assert mode(torch.bfloat16, interpret=False, allow_tf32=False) == (APPROX, NONE)
     assert mode(torch.float16, interpret=False, allow_tf32=False) == (ACCURATE, NONE)
     assert mode(torch.float32, interpret=False, allow_tf32=True) == (APPROX, NONE)
@@ -123,7 +123,7 @@ def test_math_is_chosen_by_the_dtype():
     assert mode(torch.float64, interpret=False, allow_tf32=True) == (EXACT, NONE)
     for dtype in (torch.float16, torch.bfloat16):  # the interpreter cannot run the hardware's instructions
         assert mode(dtype, interpret=True, allow_tf32=False) == (EXACT, NONE)
-    with skeleton.emulating_math(HIGH):
+    with fastmath.emulating_math(HIGH):
         assert mode(torch.bfloat16, interpret=True, allow_tf32=False) == (APPROX, HIGH)
         assert mode(torch.float16, interpret=True, allow_tf32=False) == (ACCURATE, HIGH)
         assert mode(torch.bfloat16, interpret=False, allow_tf32=False) == (APPROX, NONE)
@@ -174,11 +174,11 @@ def test_parity_holds_with_emulated_math(cell, dtype, monkeypatch, interpret):
     """The tolerances hold with an error of the hardware's documented size in every tanh and
     sigmoid, forward and backward, split tier."""
     launches = []
-    real = skeleton.launch
+    real = launcher.launch
     monkeypatch.setattr(forward, "launch", lambda *a, **k: launches.append(a[3]["EMULATE"]) or real(*a, **k))
     ours, ref = make_pair(cell, 4, 48, dtype, bidirectional=True)
     x, hx = make_input("packed_unsorted_with_state", ours, T=6, B=5, dtype=dtype)
-    with persistrnn.pin_config(block_h=16), skeleton.emulating_math(HIGH):
+    with persistrnn.pin_config(block_h=16), fastmath.emulating_math(HIGH):
         assert_close_to_ref(ours, ref, x, hx, dtype)
         assert_gradients_match(ours, ref, x, hx, dtype)
     assert launches and set(launches) == {HIGH}

@@ -12,7 +12,7 @@ import persistrnn
 from persistrnn import cli
 from persistrnn.autotune import cache, space, tune
 from persistrnn.autotune.space import Layer
-from persistrnn.kernels.skeleton import KernelConfig
+from persistrnn.kernels.config import KernelConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:persistrnn. ignoring the tuned table")
 
@@ -20,7 +20,7 @@ INTERPRETER = torch.device("cpu")
 
 
 def interpreter_key():
-    from persistrnn.layers.dispatch import DEFAULT_SMS
+    from persistrnn.configs import DEFAULT_SMS
     return cache.device_key(INTERPRETER, DEFAULT_SMS)
 
 
@@ -240,8 +240,9 @@ def test_shipped_config_that_is_not_on_chip_is_revalidated_away(tmp_path, monkey
 
 
 def test_tuned_config_whose_grid_does_not_fit_falls_back(monkeypatch):
+    from persistrnn import configs
     from persistrnn.layers import dispatch
-    monkeypatch.setattr(dispatch, "DEFAULT_SMS", 2)
+    monkeypatch.setattr(configs, "DEFAULT_SMS", 2)
     dispatch._device_key.cache_clear()
     key = cache.device_key(INTERPRETER, 2)
     name = cache.layer_key("gru", torch.float32, "forward", 64, 0, 1, 4)
@@ -288,7 +289,7 @@ def test_a_candidate_with_wrong_results_is_rejected(monkeypatch):
 
 def test_a_candidate_that_times_out_while_timed_is_rejected(monkeypatch):
     """A barrier timeout in the timing rounds (after a clean warm-up) drops that config, not the run."""
-    from persistrnn.kernels.skeleton import BarrierTimeout
+    from persistrnn.kernels.exchange import BarrierTimeout
     real = tune._Bench.time_ms
     calls = []
 
@@ -334,7 +335,6 @@ def fake_compiler(monkeypatch):
     import types
 
     from persistrnn.autotune import aot
-    from persistrnn.autotune import inspect as inspect_module
     calls = []
 
     def compile_kernel(kernel, cell, dtype, has_proj, config, shape, target, allow_tf32, dir0=0):
@@ -347,7 +347,7 @@ def fake_compiler(monkeypatch):
     monkeypatch.setattr(aot, "compile_kernel", compile_kernel)
     monkeypatch.setattr(aot, "resources_of", lambda compiled, target: aot.Resources(
         regs=100 + compiled.warps, stack=64 if compiled.spills else 0, local=0, shared=1024, smem_limit=227 * 1024))
-    monkeypatch.setattr(inspect_module, "loop_mix", lambda cubin: {"instructions": 100})
+    monkeypatch.setattr(aot, "loop_mix", lambda cubin: {"instructions": 100})
     return calls
 
 

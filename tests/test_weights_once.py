@@ -14,10 +14,10 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpreterBuilder
 
 import persistrnn
-import persistrnn.layers.functional as functional
+import persistrnn.layers.layer as layer
 from persistrnn.kernels.interpreter import interpreted, interpreting
 
-from conftest import make_pair
+from helpers import make_pair
 
 
 @contextlib.contextmanager
@@ -47,9 +47,9 @@ def count_reads(tensor, tile_dim=None):
 def w_hh_reads(cell, T, B, monkeypatch, kernel="forward"):
     """(elements of W_hh read, W_hh's size) for one layer over T steps, by the forward kernel or
     (after a forward that saves) by the backward kernel."""
-    import persistrnn.layers.autograd as autograd
     ours, _ = make_pair(cell, 4, 16, torch.float32)
-    module, name, w_hh_index = (functional, "rnn_forward", 2) if kernel == "forward" else (autograd, "rnn_backward", 8)
+    name, w_hh_index = ("rnn_forward", 2) if kernel == "forward" else ("rnn_backward", 8)
+    module = layer
     launches = []
     real_launch = getattr(module, name)
 

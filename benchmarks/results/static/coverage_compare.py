@@ -1,25 +1,26 @@
 """The coverage grid (`persistrnn capacity --coverage`) before and after, per target:
-the shipped tables of 0d0c9c6 (the first tensor-core step) and today's, with one launch per layer only, and
-today's with several launches (dispatch.launch_waves). Run from the repository root:
+the static tables of 0d0c9c6 (the first tensor-core step, tables_0d0c9c6/) and today's, with one
+launch per layer only, and today's with several launches (configs.launch_waves). Run from the
+repository root:
 
     python benchmarks/results/static/coverage_compare.py
 """
-import importlib.util
-import subprocess
-import tempfile
+import json
+import os
 
-import persistrnn.layers.dispatch as dispatch
-from persistrnn.autotune.capacity import coverage
-from persistrnn.autotune.tables import TABLES
+import persistrnn.autotune.capacity as capacity
+import persistrnn.configs as configs
 
-with tempfile.NamedTemporaryFile("w", suffix=".py") as f:
-    f.write(subprocess.check_output(["git", "show", "0d0c9c6:autotune/tables.py"], text=True))
-    f.flush()
-    spec = importlib.util.spec_from_file_location("tables_0d0c9c6", f.name)
-    old = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old)
+HERE = os.path.dirname(os.path.abspath(__file__))
 
-several = dispatch.launch_waves
+
+def tables_at(directory):
+    return {t: configs.tables_from_json(json.load(open(os.path.join(directory, f"{t}.json"))))
+            for t in configs.TARGETS}
+
+
+old, today = tables_at(os.path.join(HERE, "tables_0d0c9c6")), tables_at(configs.STATIC_DIR)
+several = configs.launch_waves
 
 
 def one_launch(*args):
@@ -27,10 +28,16 @@ def one_launch(*args):
     return waves if waves is not None and len(waves) == 1 else None
 
 
+def counted(target, tables, waves):
+    configs.launch_waves = capacity.launch_waves = waves  # the planner's and the report's
+    try:
+        return capacity.coverage(target, tables)
+    finally:
+        configs.launch_waves = capacity.launch_waves = several
+
+
 for target in ("sm_90", "sm_80"):
-    dispatch.launch_waves = one_launch
-    before, one = coverage(target, old.TABLES), coverage(target, TABLES)
-    dispatch.launch_waves = several
-    now = coverage(target, TABLES)
+    before, one, now = (counted(target, old, one_launch), counted(target, today, one_launch),
+                        counted(target, today, several))
     print(f"{target}: tables of 0d0c9c6, one launch: {before['kernel']}; today's tables, one launch: {one['kernel']}; "
           f"several launches: {now['kernel']} of {now['layers']} ({now['several_launches']} in more than one)")

@@ -1,0 +1,87 @@
+"""The compile-time side of a layer's kernels: how a layer is cut into programs (KernelConfig), the
+K-chunks of the recurrent product, and the constexprs both kernels are compiled with."""
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from .cells import GRU, LSTM
+from .fastmath import math_mode
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """How a layer is cut into programs: block_b batch rows and block_h hidden units per program
+    (SPLIT = cdiv(H, block_h) programs share a batch tile), and the launch's num_warps and num_stages;
+    backward_warps, if set, is the backward kernel's num_warps (one kernel's registers may need
+    more warps than the other's)."""
+    block_b: int
+    block_h: int
+    num_warps: int = 4
+    num_stages: int = 1
+    backward_warps: int = None
+
+    def warps(self, kernel):
+        """num_warps of the "forward" or "backward" kernel."""
+        return self.backward_warps if kernel == "backward" and self.backward_warps else self.num_warps
+
+
+# widest K chunk of the recurrent product on tensor cores (fp16, bf16, TF32): wide enough that
+# chunks cost few fences and waits, narrow enough that a chunk of W, or of a 64-row h, stages
+# through registers without spilling. FMA dots (fp32 without TF32) and fp64's hold a whole chunk
+# of both operands in registers: FMA_K_CHUNK.
+K_CHUNK = 128
+FMA_K_CHUNK = 32
+MIN_CHUNK = 16  # the MMA's K granularity (and tl.dot's smallest dimension)
+
+
+def k_chunks(width, widest=K_CHUNK):
+    """Power-of-two chunk widths (<= widest, >= MIN_CHUNK) that sum to `width` rounded up to a
+    multiple of MIN_CHUNK: 768 -> 6 x 128, 1000 -> 7 x 128, 64, 32, 16."""
+    width = triton.cdiv(width, MIN_CHUNK) * MIN_CHUNK
+    chunks = [widest] * (width // widest)
+    rest = width % widest
+    bit = widest // 2
+    while rest:
+        if rest >= bit:
+            chunks.append(bit)
+            rest -= bit
+        bit //= 2
+    return tuple(chunks)
+
+
+def recurrent_chunks(split, has_proj, block_h, width, widest=K_CHUNK):
+    """The K-chunks of the recurrent product. One program without proj_size multiplies its own
+    h tile, [BLOCK_H, BLOCK_B]: one chunk of BLOCK_H. Otherwise h is read back as R rows."""
+    return (block_h,) if split == 1 and not has_proj else k_chunks(width, widest)
+
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+
+# the most of h the split tier reads back at once (tiles.py: _dot_from_memory)
+H_GROUP_BYTES = 64 * 1024
+
+
+def kernel_constexprs(cell, dtype, has_proj, split, config, width, *, interpret, allow_tf32):
+    """The compile-time parameters both kernels take (also used by the ahead-of-time compile), for
+    a layer whose recurrent input (hidden or proj size) is `width` wide."""
+    w_dtype = _TL_DTYPE[dtype]
+    # the interpreter's bf16 arithmetic is wrong: multiply bf16-rounded values in fp32 there
+    mma_dtype = tl.float32 if (interpret and dtype == torch.bfloat16) else w_dtype
+    state = tl.float64 if dtype == torch.float64 else tl.float32
+    precision = "tf32" if (dtype == torch.float32 and allow_tf32 and not interpret) else "ieee"
+    tensor_cores = dtype in (torch.float16, torch.bfloat16) or precision == "tf32"
+    chunks = recurrent_chunks(split, has_proj, config.block_h, width, K_CHUNK if tensor_cores else FMA_K_CHUNK)
+    chunk_bytes = max(chunks) * config.block_b * torch.finfo(dtype).bits // 8
+    math, emulate = math_mode(dtype, interpret=interpret, allow_tf32=allow_tf32)
+    return dict(CELL=LSTM if cell == "lstm" else GRU, HAS_PROJ=has_proj, SPLIT=split, BLOCK_B=config.block_b,
+                BLOCK_H=config.block_h, CHUNKS=tuple(chunks), H_GROUP=max(1, H_GROUP_BYTES // chunk_bytes),
+                W_DTYPE=w_dtype, MMA_DTYPE=mma_dtype, STATE_DTYPE=state, INPUT_PRECISION=precision, MATH=math,
+                EMULATE=emulate, INTERPRET=interpret)
+
+
+def state_dtype(dtype):
+    """The dtype of the state, the saved activations and the exchange buffers of partial sums."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
