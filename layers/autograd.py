@@ -60,7 +60,7 @@ def layer_forward_op(x: Tensor, lengths: Tensor, h0: Tensor, c0: Optional[Tensor
                      spec: str, save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, h_n, c_n, saved) of one layer; c_n (GRU) and saved (without `save`) are empty tensors.
     The op runs inside a compiled graph or vmap, whose plan is fixed: a refused launch changes only
-    the layer's launches here (_relaunching); eager calls re-plan in the module (rnn.py)."""
+    the layer's launches here (layer.relaunching); eager calls re-plan in the module (rnn.py)."""
     layer = layer_from_spec(spec)
     return relaunching(lambda layer: _layer_forward(x, lengths, h0, c0, weights, layer, save), layer,
                         time_major(x, layer.batch_first).shape[1], x.device)
