@@ -35,6 +35,7 @@ from ..configs import (BLOCK_B, CELLS, DTYPES, KERNELS, PASSES, SMALL_BLOCK_H, S
                        kernel_config, launch_waves, static_tables, tables_to_json)
 from ..kernels.config import KernelConfig
 from .aot import kernel_resources
+from .sass import bundled_tool
 
 BLOCKS = (16, 32, 64, 128, 256)  # single-program BLOCK_H
 WIDTHS = (32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 2048)  # split tier: recurrent input widths
@@ -290,8 +291,7 @@ def coverage(target="sm_90", tables=None):
 
 def ptxas_version():
     """The version line of the ptxas bundled with triton, which the tables were compiled with."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    out = subprocess.run([ptxas, "--version"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([bundled_tool("ptxas"), "--version"], capture_output=True, text=True, check=True).stdout
     return re.findall(r"release [^\n]*", out)[-1]
 
 

@@ -15,15 +15,16 @@ import tempfile
 import triton
 
 
-def _cuobjdump():
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def bundled_tool(name):
+    """The path of a CUDA tool bundled with triton (cuobjdump, ptxas): the ones its compiles use."""
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
 def _cuobjdump_run(cubin: bytes, *flags):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([_cuobjdump(), *flags, f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([bundled_tool("cuobjdump"), *flags, f.name], capture_output=True, text=True, check=True).stdout
 
 
 def resource_usage(cubin: bytes):
