@@ -107,6 +107,20 @@ def access_bytes(ins):
     return 4
 
 
+def exchange_loads_in_flight(body):
+    """The most exchange loads (L2-coherent, .STRONG: other programs wrote them) issued one after
+    another with no shared-memory store between them: how many of a step's read-backs are in flight
+    at once before the first is staged for the MMA (1 or 2 when each waits for the last one's store)."""
+    most = run = 0
+    for i in body:
+        if i.op in GLOBAL_LOADS and ".STRONG" in i.opcode:
+            run += 1
+            most = max(most, run)
+        elif i.op in SHARED_STORES:
+            run = 0
+    return most
+
+
 def step_mix(instructions, span):
     """The per-step instruction mix of one warp over the loop `span`, inner loops counted once."""
     lo, hi = span
@@ -126,6 +140,7 @@ def step_mix(instructions, span):
         "global_loads": traffic(GLOBAL_LOADS),
         "global_stores": traffic(GLOBAL_STORES),
         "async_copies": ops["LDGSTS"],
+        "exchange_loads_in_flight": exchange_loads_in_flight(body),
         "mufu": ops["MUFU"],
         "bar_sync": sum(1 for i in body if i.op == "BAR"),
         "shuffles": ops["SHFL"],

@@ -84,7 +84,7 @@ def _rnn_backward_kernel(
     stride_dht, stride_dhb,
     DIR0: tl.constexpr, CELL: tl.constexpr, HAS_PROJ: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, H_GROUP: tl.constexpr,
-    W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+    H_IN_FLIGHT: tl.constexpr, W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, MATH: tl.constexpr, EMULATE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     G: tl.constexpr = 4 if CELL == LSTM else 3

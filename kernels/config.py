@@ -62,6 +62,12 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 
 # the most of h the split tier reads back at once (tiles.py: _dot_from_memory)
 H_GROUP_BYTES = 64 * 1024
+# the most of h per thread read back by unmasked loads, all in flight at once (H_IN_FLIGHT), when
+# one group holds every chunk. More crowds out the loop-invariant wgmma descriptors (GRU H = 1024
+# B = 16, 256 B: 255 registers and a spill) or makes ptxas issue the loads in batches that each
+# wait for the last load of the one before (LSTM fp16 H = 1024 B = 32). With several groups, the
+# loads between two groups' MMAs do the former.
+IN_FLIGHT_BYTES = 192
 
 
 def kernel_constexprs(cell, dtype, has_proj, split, config, width, *, interpret, allow_tf32):
@@ -75,9 +81,14 @@ def kernel_constexprs(cell, dtype, has_proj, split, config, width, *, interpret,
     tensor_cores = dtype in (torch.float16, torch.bfloat16) or precision == "tf32"
     chunks = recurrent_chunks(split, has_proj, config.block_h, width, K_CHUNK if tensor_cores else FMA_K_CHUNK)
     chunk_bytes = max(chunks) * config.block_b * torch.finfo(dtype).bits // 8
+    group = max(1, H_GROUP_BYTES // chunk_bytes)
+    h_bytes = sum(chunks) * config.block_b * torch.finfo(dtype).bits // 8
+    # unmasked read-back: every row the chunks cover is published (zero past H), in one group
+    in_flight = (split * config.block_h >= sum(chunks) and group >= len(chunks)
+                 and h_bytes <= IN_FLIGHT_BYTES * 32 * config.num_warps)
     math, emulate = math_mode(dtype, interpret=interpret, allow_tf32=allow_tf32)
     return dict(CELL=LSTM if cell == "lstm" else GRU, HAS_PROJ=has_proj, SPLIT=split, BLOCK_B=config.block_b,
-                BLOCK_H=config.block_h, CHUNKS=tuple(chunks), H_GROUP=max(1, H_GROUP_BYTES // chunk_bytes),
+                BLOCK_H=config.block_h, CHUNKS=tuple(chunks), H_GROUP=group, H_IN_FLIGHT=in_flight,
                 W_DTYPE=w_dtype, MMA_DTYPE=mma_dtype, STATE_DTYPE=state, INPUT_PRECISION=precision, MATH=math,
                 EMULATE=emulate, INTERPRET=interpret)
 

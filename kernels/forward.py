@@ -54,6 +54,18 @@ def _load_x(xproj_ptr, step, length, direction, offs_b, mask_b, units, unit_mask
 
 
 @triton.jit
+def _publish(xbuf_ptr, parity, pid_d, pid_b, units, unit_mask, cols, h, XBUF_ROWS, BLOCK_B: tl.constexpr,
+             W_DTYPE: tl.constexpr, H_IN_FLIGHT: tl.constexpr):
+    """My block's rows of h in the exchange buffer, in the weights' dtype. For the unmasked read-back
+    (H_IN_FLIGHT) rows past H are written too, as zeros: every row up to SPLIT * BLOCK_H is finite."""
+    tile = _xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, 0, XBUF_ROWS, 1, BLOCK_B) + units * BLOCK_B + cols[None, :]
+    if H_IN_FLIGHT:
+        tl.store(tile, tl.where(unit_mask, h, 0.0).to(W_DTYPE))
+    else:
+        tl.store(tile, h.to(W_DTYPE), mask=unit_mask)
+
+
+@triton.jit
 def _save(saved_ptr, y_t, b64, units, mask, active, direction, H, stride_st, stride_sb,
           a0, a1, a2, a3, a4, N: tl.constexpr):
     """Store the first N (4 or 5) of a0..a4 ([BLOCK_H, BLOCK_B]) in saved[y_t, b, direction, 0..N-1, unit]:
@@ -75,7 +87,7 @@ def _rnn_forward_kernel(
     stride_xt, stride_xb, stride_yt, stride_yb, stride_st, stride_sb,
     SAVE: tl.constexpr, DIR0: tl.constexpr, CELL: tl.constexpr, HAS_PROJ: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, H_GROUP: tl.constexpr,
-    W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+    H_IN_FLIGHT: tl.constexpr, W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, MATH: tl.constexpr, EMULATE: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     G: tl.constexpr = 4 if CELL == LSTM else 3
@@ -108,8 +120,7 @@ def _rnn_forward_kernel(
     else:
         h = tl.load(h0_ptr + direction * B * R + offs_b[None, :] * R + units, mask=mask_bh, other=0.0).to(STATE_DTYPE)
         if SPLIT > 1:  # h0, published as the step before the first (parity 1)
-            tl.store(_xbuf_tile(xbuf_ptr, 1, pid_d, pid_b, 0, XBUF_ROWS, SLOTS, BLOCK_B) + units * BLOCK_B
-                     + cols[None, :], h.to(W_DTYPE), mask=unit_mask)
+            _publish(xbuf_ptr, 1, pid_d, pid_b, units, unit_mask, cols, h, XBUF_ROWS, BLOCK_B, W_DTYPE, H_IN_FLIGHT)
     if CELL == LSTM:
         c = tl.load(c0_ptr + direction * B * H + offs_b[None, :] * H + units, mask=mask_bh, other=0.0).to(STATE_DTYPE)
     x = _load_x(xproj_ptr, 0, length, direction, offs_b, mask_b, units, unit_mask, H, stride_xt, stride_xb, G,
@@ -128,7 +139,8 @@ def _rnn_forward_kernel(
             acc = _chunked_dot(w, h_op, STATE_DTYPE, INPUT_PRECISION)
         elif SPLIT > 1:  # everyone's h_{t-1}, published last step
             acc = _dot_from_memory(w, _xbuf_tile(xbuf_ptr, 1 - parity, pid_d, pid_b, 0, XBUF_ROWS, SLOTS, BLOCK_B),
-                                   cols, R, BLOCK_B, CHUNKS, H_GROUP, STATE_DTYPE, MMA_DTYPE, INPUT_PRECISION)
+                                   cols, R, BLOCK_B, CHUNKS, H_GROUP, not H_IN_FLIGHT, STATE_DTYPE, MMA_DTYPE,
+                                   INPUT_PRECISION)
         else:
             acc = _chunked_dot(w, (h.to(W_DTYPE).to(MMA_DTYPE),), STATE_DTYPE, INPUT_PRECISION)
         g0, g1, g2, g3 = _split_gates(acc, BLOCK_H, BLOCK_B)
@@ -166,9 +178,9 @@ def _rnn_forward_kernel(
             h = tl.where(active, h_cell, h)
             tl.store(y_ptr + y_t * stride_yt + b64 * stride_yb + direction * R + units,
                      tl.where(active, h_cell, 0.0).to(y_ptr.dtype.element_ty), mask=mask_bh)
-            if SPLIT > 1:  # publish my units' h_t (in the weights' dtype) for everyone's next step
-                tl.store(_xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, 0, XBUF_ROWS, SLOTS, BLOCK_B)
-                         + units * BLOCK_B + cols[None, :], h.to(W_DTYPE), mask=unit_mask)
+            if SPLIT > 1:  # publish my units' h_t for everyone's next step
+                _publish(xbuf_ptr, parity, pid_d, pid_b, units, unit_mask, cols, h, XBUF_ROWS, BLOCK_B, W_DTYPE,
+                         H_IN_FLIGHT)
 
         if SPLIT > 1:
             _arrive(counter)

@@ -98,19 +98,26 @@ def _chunked_dot(a, b, STATE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr)
 
 
 @triton.jit
-def _dot_from_memory(a, ptr, offs_n, K, stride_k, CHUNKS: tl.constexpr, GROUP: tl.constexpr,
+def _dot_from_memory(a, ptr, offs_n, K, stride_k, CHUNKS: tl.constexpr, GROUP: tl.constexpr, MASKED: tl.constexpr,
                      STATE_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """sum over chunks c of a[c] @ B[chunk c], B (k, n) = ptr[k * stride_k + offs_n[n]] (zero for
-    k >= K), read through L2 (.cg: other programs wrote it), GROUP chunks at a time: a group's
-    chunks are loaded, then multiplied, so its shared-memory buffers are reused by the next group
-    (see the module doc)."""
+    """sum over chunks c of a[c] @ B[chunk c], B (k, n) = ptr[k * stride_k + offs_n[n]], read
+    through L2 (.cg: other programs wrote it), GROUP chunks at a time: a group's chunks are loaded,
+    then multiplied, so its shared-memory buffers are reused by the next group (see the module doc).
+    MASKED: rows k >= K read as zero. Without it every row the chunks cover must hold a finite value
+    (zero past K): the loads then have no predicate and no zero-fill, so ptxas gives each its own
+    registers and every load of a group is in flight at once (masked, the zero-fills made them share
+    two register quads, one L2 round trip after another)."""
     start = 0
     for g in tl.static_range(0, len(CHUNKS), GROUP):
         group = ()
         for c in tl.static_range(g, min(g + GROUP, len(CHUNKS))):
             offs_k = start + tl.arange(0, CHUNKS[c])
-            group = group + (tl.load(ptr + offs_k[:, None] * stride_k + offs_n[None, :], mask=offs_k[:, None] < K,
-                                     other=0.0, cache_modifier=".cg").to(STATE_DTYPE).to(MMA_DTYPE),)
+            chunk = ptr + offs_k[:, None] * stride_k + offs_n[None, :]
+            if MASKED:
+                tile = tl.load(chunk, mask=offs_k[:, None] < K, other=0.0, cache_modifier=".cg")
+            else:
+                tile = tl.load(chunk, cache_modifier=".cg")
+            group = group + (tile.to(STATE_DTYPE).to(MMA_DTYPE),)
             start += CHUNKS[c]
         for c in tl.static_range(g, min(g + GROUP, len(CHUNKS))):
             if c == 0:

@@ -1,11 +1,13 @@
 """The compiled time step, read without a GPU (`persistrnn inspect`, autotune/inspect.py): what the
 kernels the planner launches compile to on sm_90. These guard the speed work: the recurrent
 product on wgmma, no reduction across warps, each cell element's transcendentals computed once
-(one MUFU.TANH each, two MUFU where they must be accurate), exact K for widths that are not powers of two, and the step's length.
+(one MUFU.TANH each, two MUFU where they must be accurate), exact K for widths that are not powers of two,
+h read back with every load in flight, and the step's length.
 """
 import pytest
 import torch
 
+import persistrnn.kernels.config as config_mod
 from persistrnn.autotune.inspect import inspect_layer
 from persistrnn.autotune.sass import access_bytes, parse_sass, step_mix, time_loop
 
@@ -32,6 +34,16 @@ def test_the_forward_lstm_step_at_h768(lstm768):
     assert kernel["spill_bytes"] == 0 and kernel["shared_bytes"] <= kernel["shared_limit"]
     assert len(loop["inner_loops"]) == 1 and loop["inner_loops"][0]["instructions"] < 12  # the barrier's poll
     assert loop["atomics"] == 1  # one arrival per step
+
+
+def test_h_is_read_back_all_in_flight(lstm768, monkeypatch):
+    """The split tier's read-back of h_{t-1} (12 loads of 128 bits per thread at H = 768, B = 16)
+    is issued before any of it is staged in shared memory, not a load, its store, the next load.
+    With the in-flight budget at zero the masked loads come back, one or two at a time."""
+    assert lstm768["kernels"]["forward"]["time_loop"]["exchange_loads_in_flight"] >= 8
+    monkeypatch.setattr(config_mod, "IN_FLIGHT_BYTES", 0)
+    masked = inspect_layer("lstm", torch.bfloat16, 768, 16, pass_="forward", target="sm_90")
+    assert masked["kernels"]["forward"]["time_loop"]["exchange_loads_in_flight"] <= 2
 
 
 def test_exact_k_costs_no_padding(lstm768):

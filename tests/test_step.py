@@ -47,19 +47,49 @@ def test_loading_ahead_the_wrong_step_is_caught(cell, monkeypatch, interpret):
         assert not all(rel_err(g, w) <= TOL[torch.float64] for g, w in zip(got, want))
 
 
+def _forward_constexprs(monkeypatch):
+    """The list to which every forward launch from now on appends its constexprs."""
+    launches = []
+    real = launcher.launch
+    monkeypatch.setattr(forward, "launch", lambda *a, **k: launches.append(a[3]) or real(*a, **k))
+    return launches
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_h_read_back_in_groups_of_chunks(cell, monkeypatch, interpret):
     """With the group size cut to one K-chunk, the split tier reads h back chunk by chunk
     (H = 200, fp64: six chunks of 32 and one of 16), and still matches."""
     monkeypatch.setattr(config_mod, "H_GROUP_BYTES", 1)
-    launches = []
-    real = launcher.launch
-    monkeypatch.setattr(forward, "launch", lambda *a, **k: launches.append(a[3]) or real(*a, **k))
+    launches = _forward_constexprs(monkeypatch)
     ours, ref = make_pair(cell, 3, 200, torch.float64)
     x, hx = make_input("padded_with_state", ours, T=3, B=3, dtype=torch.float64)
     with persistrnn.pin_config(block_h=64):
         assert_close_to_ref(ours, ref, x, hx, torch.float64)
     assert [(c["CHUNKS"], c["H_GROUP"]) for c in launches] == [((32,) * 6 + (16,), 1)]
+
+
+@triton.jit
+def _publish_my_units_only(xbuf_ptr, parity, pid_d, pid_b, units, unit_mask, cols, h, XBUF_ROWS,
+                           BLOCK_B: tl.constexpr, W_DTYPE: tl.constexpr, H_IN_FLIGHT: tl.constexpr):
+    tl.store(forward._xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, 0, XBUF_ROWS, 1, BLOCK_B) + units * BLOCK_B
+             + cols[None, :], h.to(W_DTYPE), mask=unit_mask)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_h_read_back_without_a_mask(cell, monkeypatch, interpret):
+    """H = 100 in blocks of 32: the read-back covers 112 rows (K-chunks of 32 and one of 16) with
+    unmasked loads, so the last program publishes zeros for its units past H. Publishing only the
+    units < H leaves rows 100-111 as the exchange buffer's poison (NaN): the check must fail."""
+    launches = _forward_constexprs(monkeypatch)
+    ours, ref = make_pair(cell, 3, 100, torch.float64)
+    x, hx = make_input("padded_with_state", ours, T=3, B=3, dtype=torch.float64)
+    with persistrnn.pin_config(block_h=32):
+        assert_close_to_ref(ours, ref, x, hx, torch.float64)
+        assert launches[-1]["H_IN_FLIGHT"] and sum(launches[-1]["CHUNKS"]) == 112
+        monkeypatch.setattr(forward, "_publish", _publish_my_units_only)
+        with torch.no_grad():
+            got = ours(x, hx)[0]
+    assert not rel_err(got.data, ref(x, hx)[0].data) <= TOL[torch.float64]
 
 
 @pytest.mark.parametrize("block_b", [32, 64])
