@@ -29,9 +29,14 @@ class KernelConfig:
 
 # widest K chunk of the recurrent product on tensor cores (fp16, bf16, TF32): wide enough that
 # chunks cost few fences and waits, narrow enough that a chunk of W, or of a 64-row h, stages
-# through registers without spilling. FMA dots (fp32 without TF32) and fp64's hold a whole chunk
-# of both operands in registers: FMA_K_CHUNK.
+# through registers without spilling. Where h is read back all in flight (H_IN_FLIGHT, below)
+# and a chunk of W twice as wide is at most WIDE_W_CHUNK_BYTES (M = 64 rows of 16-bit: 256
+# columns), the chunks are twice as wide: half the wgmma waits and fences per step. Elsewhere the
+# wider chunk costs more than it saves (modelled: GRU bf16 H = 1024, LSTM fp16 H = 1024 B = 64).
+# FMA dots (fp32 without TF32) and fp64's hold a whole chunk of both operands in registers:
+# FMA_K_CHUNK.
 K_CHUNK = 128
+WIDE_W_CHUNK_BYTES = 32 * 1024
 FMA_K_CHUNK = 32
 MIN_CHUNK = 16  # the MMA's K granularity (and tl.dot's smallest dimension)
 
@@ -79,13 +84,15 @@ def kernel_constexprs(cell, dtype, has_proj, split, config, width, *, interpret,
     state = tl.float64 if dtype == torch.float64 else tl.float32
     precision = "tf32" if (dtype == torch.float32 and allow_tf32 and not interpret) else "ieee"
     tensor_cores = dtype in (torch.float16, torch.bfloat16) or precision == "tf32"
+    elt = torch.finfo(dtype).bits // 8
     chunks = recurrent_chunks(split, has_proj, config.block_h, width, K_CHUNK if tensor_cores else FMA_K_CHUNK)
-    chunk_bytes = max(chunks) * config.block_b * torch.finfo(dtype).bits // 8
-    group = max(1, H_GROUP_BYTES // chunk_bytes)
-    h_bytes = sum(chunks) * config.block_b * torch.finfo(dtype).bits // 8
+    group = max(1, H_GROUP_BYTES // (max(chunks) * config.block_b * elt))
     # unmasked read-back: every row the chunks cover is published (zero past H), in one group
     in_flight = (split * config.block_h >= sum(chunks) and group >= len(chunks)
-                 and h_bytes <= IN_FLIGHT_BYTES * 32 * config.num_warps)
+                 and sum(chunks) * config.block_b * elt <= IN_FLIGHT_BYTES * 32 * config.num_warps)
+    if in_flight and tensor_cores and 4 * config.block_h * 2 * K_CHUNK * elt <= WIDE_W_CHUNK_BYTES:
+        chunks = recurrent_chunks(split, has_proj, config.block_h, width, 2 * K_CHUNK)
+        group = max(1, H_GROUP_BYTES // (max(chunks) * config.block_b * elt))
     math, emulate = math_mode(dtype, interpret=interpret, allow_tf32=allow_tf32)
     return dict(CELL=LSTM if cell == "lstm" else GRU, HAS_PROJ=has_proj, SPLIT=split, BLOCK_B=config.block_b,
                 BLOCK_H=config.block_h, CHUNKS=tuple(chunks), H_GROUP=group, H_IN_FLIGHT=in_flight,

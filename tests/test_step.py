@@ -121,6 +121,26 @@ def test_exact_k_chunks():
     assert recurrent_chunks(3, False, 16, 40) == (32, 16)
 
 
+def test_k_chunks_twice_as_wide_where_h_is_read_back_in_flight(monkeypatch, interpret):
+    """LSTM bf16 H = 768, B = 16 in blocks of 16 (the shipped config): 3 chunks of 256, not 6 of
+    128. Not where the read-back is masked (GRU H = 1024: 256 B of h per thread) or W's chunk would
+    not stage (BLOCK_H = 32). Then a layer of width 256 + 32 in blocks of 16 runs them (bf16,
+    against float64)."""
+    def constexprs(cell, width, block_h, dtype=torch.bfloat16):
+        config = config_mod.KernelConfig(16, block_h)
+        return config_mod.kernel_constexprs(cell, dtype, False, triton.cdiv(width, block_h), config, width,
+                                            interpret=False, allow_tf32=False)
+    assert constexprs("lstm", 768, 16)["CHUNKS"] == (256,) * 3 and constexprs("lstm", 768, 16)["H_IN_FLIGHT"]
+    assert constexprs("gru", 1024, 16)["CHUNKS"] == (128,) * 8 and not constexprs("gru", 1024, 16)["H_IN_FLIGHT"]
+    assert constexprs("lstm", 768, 32)["CHUNKS"] == (128,) * 6 and constexprs("lstm", 768, 32)["H_IN_FLIGHT"]
+    launches = _forward_constexprs(monkeypatch)
+    ours, ref = make_pair("lstm", 3, 288, torch.bfloat16)
+    x, hx = make_input("padded_with_state", ours, T=3, B=3, dtype=torch.bfloat16)
+    with persistrnn.pin_config(block_h=16):
+        assert_close_to_ref(ours, ref, x, hx, torch.bfloat16)
+    assert launches[-1]["CHUNKS"] == (256, 32) and launches[-1]["H_IN_FLIGHT"]
+
+
 def test_k_chunks_follow_the_mma():
     """128-wide on tensor cores (fp16, bf16, fp32 with TF32), 32-wide for FMA and fp64 dots."""
     config = config_mod.KernelConfig(16, 16)
