@@ -107,13 +107,18 @@ def access_bytes(ins):
     return 4
 
 
+def _is_exchange_load(i):
+    """A load of what other programs wrote (L2-coherent: .STRONG in SASS, `.cg` in Triton)."""
+    return i.op in GLOBAL_LOADS and ".STRONG" in i.opcode
+
+
 def exchange_loads_in_flight(body):
-    """The most exchange loads (L2-coherent, .STRONG: other programs wrote them) issued one after
-    another with no shared-memory store between them: how many of a step's read-backs are in flight
-    at once before the first is staged for the MMA (1 or 2 when each waits for the last one's store)."""
+    """The most exchange loads issued one after another with no shared-memory store between them:
+    how many of a step's read-backs are in flight at once before the first is staged for the MMA
+    (1 or 2 when each waits for the last one's store)."""
     most = run = 0
     for i in body:
-        if i.op in GLOBAL_LOADS and ".STRONG" in i.opcode:
+        if _is_exchange_load(i):
             run += 1
             most = max(most, run)
         elif i.op in SHARED_STORES:
@@ -140,7 +145,11 @@ def step_mix(instructions, span):
         "global_loads": traffic(GLOBAL_LOADS),
         "global_stores": traffic(GLOBAL_STORES),
         "async_copies": ops["LDGSTS"],
+        # outside inner loops: the barrier's poll is not an exchange read-back
+        "exchange_loads": sum(1 for i in body if _is_exchange_load(i)
+                              and not any(a <= i.address <= b for a, b in inner)),
         "exchange_loads_in_flight": exchange_loads_in_flight(body),
+        "wgmma_waits": sum(1 for i in body if i.opcode.startswith("WARPGROUP.DEPBAR")),
         "mufu": ops["MUFU"],
         "bar_sync": sum(1 for i in body if i.op == "BAR"),
         "shuffles": ops["SHFL"],

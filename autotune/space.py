@@ -18,12 +18,20 @@ Pruning, before any timing, in this order:
 Batch tiles larger than the batch stay: padding rows cost little in a wgmma's N, and a larger
 tile can be the only one that compiles on-chip (the GRU's train pass at H = 1024 needs 32 rows).
 
-Static cost (lower is better), from `persistrnn inspect`'s per-step instruction mix of each
-kernel of the pass: instructions one warp issues per step x ceil(warps / 4) (an SM's 4 schedulers
-issue one instruction per cycle each, and a program's warps share them), plus BARRIER_CYCLES per
-step for the split tier (DESIGN.md: about 3 L2 round trips of 130-250 ns, ~1000 cycles at
-1.75 GHz). Summed over the pass's kernels, and ranked times the layer's launches (each runs
-every step). It ranks; it is not a time.
+Static cost (lower is better): the modelled cycles of one step, from `persistrnn inspect`'s
+per-step mix of each kernel of the pass, the sum of
+- issue: instructions one warp issues per step x ceil(warps / 4) (an SM's 4 schedulers issue one
+  instruction per cycle each, and a program's warps share them);
+- the exchange's read-back: one L2 round trip (L2_ROUND_TRIP) per batch of exchange loads in flight
+  at once (a read-back whose loads wait for one another costs several);
+- the tensor core's drains: WGMMA_DRAIN per wait for a group of wgmma (WARPGROUP.DEPBAR), which
+  also holds the wgmma's reads of W through the shared-memory pipe;
+- the split tier's barrier, BARRIER_CYCLES (the arrival's fence and atomic, the poll, the skew
+  between programs).
+The constants are the mid figures of a latency model of the sm_90 step (350-cycle L2 round trip;
+8 wgmma of 64 x 16 x 16 reading 2 KiB of W each at 128 B per cycle). The instruction count alone
+cannot see a latency chain. Summed over the pass's kernels, and ranked times the layer's launches
+(each runs every step). It ranks; it is not a time.
 """
 import dataclasses
 
@@ -37,6 +45,8 @@ from .aot import compile_kernels, kernel_key
 from .capacity import BATCH_TILES, NUM_WARPS, weight_bytes
 
 BARRIER_CYCLES = 1000
+L2_ROUND_TRIP = 350
+WGMMA_DRAIN = 160
 SCHEDULERS_PER_SM = 4
 NUM_STAGES = (1,)
 
@@ -155,8 +165,15 @@ def compiled_cost(layer, config, target, compiled=None):
         warps = key.num_warps
         row["kernels"][kernel] = {"registers": res.regs, "spill_bytes": res.stack + res.local,
                                   "shared_bytes": res.shared, "instructions": steps, "num_warps": warps}
-        row["cost"] += steps * triton.cdiv(warps, SCHEDULERS_PER_SM) + (BARRIER_CYCLES if layer.split(config) > 1 else 0)
+        row["cost"] += step_cycles(done.mix, warps, layer.split(config) > 1)
     return row
+
+
+def step_cycles(mix, warps, barrier):
+    """The static cost of one kernel's step (see the module doc) from its time loop's mix."""
+    read_backs = triton.cdiv(mix["exchange_loads"], max(1, mix["exchange_loads_in_flight"]))
+    return (mix["instructions"] * triton.cdiv(warps, SCHEDULERS_PER_SM) + read_backs * L2_ROUND_TRIP
+            + mix["wgmma_waits"] * WGMMA_DRAIN + (BARRIER_CYCLES if barrier else 0))
 
 
 def static_rank(layer, target, sms=None, workers=None, progress=None):

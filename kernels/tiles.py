@@ -11,7 +11,7 @@ M = 4 * BLOCK_H (all gates of the program's units, gate-major; the GRU's fourth 
 since M must be a power of two and wgmma needs M >= 64), N = BLOCK_B and K = R. W_hh's rows stay
 in shared memory as the A operand for the whole sequence and the tensor core reads them there
 (wgmma on sm_90); each gate value and each cell element is then computed once, by one thread.
-K is cut into power-of-two chunks that sum to R (768 = 6 x 128): no MMA work or shared memory
+K is cut into power-of-two chunks that sum to R (768 = 3 x 256, config.py): no MMA work or shared memory
 goes to padding, and no W chunk is too large to stage through registers when it is loaded.
 The split tier reads h, the B operand, back from memory in groups of K-chunks of at most
 H_GROUP_BYTES: a group's chunks are loaded, then multiplied, and the next group reuses its shared

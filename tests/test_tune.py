@@ -11,7 +11,9 @@ import torch
 import persistrnn
 from persistrnn import cli
 from persistrnn.autotune import cache, space, tune
+from persistrnn.autotune.inspect import inspect_layer
 from persistrnn.autotune.space import Layer
+import persistrnn.kernels.config as config_mod
 from persistrnn.kernels.config import KernelConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:persistrnn. ignoring the tuned table")
@@ -74,7 +76,31 @@ def test_compiled_pruning_drops_spills_and_ranks_the_rest():
     assert costs == sorted(costs) and all(cost > space.BARRIER_CYCLES for cost in costs)
     for c, row in ranked:
         steps = row["kernels"]["forward"]["instructions"]
-        assert row["cost"] == steps * (c.num_warps // 4) + space.BARRIER_CYCLES
+        assert row["cost"] >= steps * (c.num_warps // 4) + space.BARRIER_CYCLES
+
+
+def test_static_cost_sees_the_read_back_chain(monkeypatch):
+    """The static cost charges an L2 round trip per batch of exchange loads in flight: LSTM bf16
+    H = 768, B = 16, forward, its read-back of h in flight (the shipped kernel) against the same
+    config with the loads masked, one or two at a time. The serial one costs more by at least the
+    round trips it adds, beyond what its instructions add."""
+    def cost():
+        report = inspect_layer("lstm", torch.bfloat16, 768, 16, pass_="forward", target="sm_90")
+        mix = report["kernels"]["forward"]["time_loop"]
+        return space.step_cycles(mix, report["config"]["num_warps"], True), mix["instructions"]
+
+    in_flight, in_flight_steps = cost()
+    monkeypatch.setattr(config_mod, "IN_FLIGHT_BYTES", 0)
+    serial, serial_steps = cost()
+    assert serial - in_flight >= (serial_steps - in_flight_steps) + 3 * space.L2_ROUND_TRIP
+
+
+def test_step_cycles():
+    mix = dict(instructions=400, exchange_loads=12, exchange_loads_in_flight=12, wgmma_waits=3)
+    assert space.step_cycles(mix, 4, True) == 400 + space.L2_ROUND_TRIP + 3 * space.WGMMA_DRAIN + space.BARRIER_CYCLES
+    assert space.step_cycles(dict(mix, exchange_loads_in_flight=2), 4, True) == \
+        space.step_cycles(mix, 4, True) + 5 * space.L2_ROUND_TRIP
+    assert space.step_cycles(dict(mix, exchange_loads=0), 8, False) == 800 + 3 * space.WGMMA_DRAIN
 
 
 # --- keys ------------------------------------------------------------------------------------
