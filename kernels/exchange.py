@@ -7,10 +7,9 @@ arrives (release atomic_add) after publishing its part of the step, and waits un
 have arrived. The wait is bounded by MAX_SPIN polls, after which the program stops waiting and
 adds one to the device's timeout count, so no input hangs the GPU; the host raises it without a sync
 (below).
-Compiled, one warp per program polls, in a warp-uniform PTX loop (vote.sync) with a backoff
-(nanosleep), while the others wait at the program's barrier; a PTX loop, so that ptxas keeps the
-loop-invariant wgmma descriptors in uniform registers across it (a plain Triton while loop there
-costs two R2UR per wgmma and spills at 4 warps). The interpreter runs the same protocol in Triton."""
+Compiled, the poll is a warp-uniform PTX loop (vote.sync), so that ptxas keeps the loop-invariant
+wgmma descriptors in uniform registers across it (a plain Triton while loop there costs two
+R2UR per wgmma and spills at 4 warps); the interpreter runs the same protocol in Triton."""
 import torch
 import triton
 import triton.language as tl
@@ -32,38 +31,22 @@ def _arrive(counter_ptr):
 
 @triton.jit
 def _poll(counter_ptr, target, budget):
-    """Compiled: one warp polls with acquire loads until the counter reaches `target` or `budget`
-    polls are spent, the warp leaving the loop together (vote.sync: the branch is uniform); the
-    other warps go straight to the program's barrier, where all agree (bar.red.and) on whether the
-    poller saw the target. 1 if so, else 0. The barrier orders the other warps' later loads after
-    the poller's acquire: the pattern of a cooperative grid sync. One warp per program, not all,
-    keeps the polls off the L2 line the arrivals' atomics write; after 8 polls (a wait far longer
-    than a step's skew: programs descheduled, or not all resident) it sleeps between polls, 32 ns
-    doubling to 256, not to delay the usual wait by a sleep."""
+    """Compiled: every thread polls with acquire loads until the counter reaches `target` or
+    `budget` polls are spent, a warp leaving the loop together (vote.sync: the branch is uniform);
+    then the program agrees (bar.red.and) on whether every thread saw the target. 1 if so, else 0."""
     return tl.inline_asm_elementwise(
         """{
-        .reg .pred p_poller, p_wait, p_spin, p_any, p_sleep, p_seen, p_all;
-        .reg .u32 polls, tid, pause;
-        mov.u32 tid, %tid.x;
-        setp.lt.u32 p_poller, tid, 32;
+        .reg .pred p_wait, p_spin, p_any, p_seen, p_all;
+        .reg .u32 polls;
         mov.u32 polls, 0;
-        mov.u32 pause, 32;
-        mov.u32 $0, $2;
-        @!p_poller bra DONE;
         POLL:
         ld.acquire.gpu.global.u32 $0, [$1];
         setp.lt.s32 p_wait, $0, $2;
         setp.lt.u32 p_spin, polls, $3;
         and.pred p_wait, p_wait, p_spin;
         vote.sync.any.pred p_any, p_wait, 0xffffffff;
-        @!p_any bra DONE;
         add.u32 polls, polls, 1;
-        setp.ge.u32 p_sleep, polls, 8;
-        @p_sleep nanosleep.u32 pause;
-        @p_sleep shl.b32 pause, pause, 1;
-        min.u32 pause, pause, 256;
-        bra.uni POLL;
-        DONE:
+        @p_any bra POLL;
         setp.ge.s32 p_seen, $0, $2;
         bar.red.and.pred p_all, 0, p_seen;
         selp.s32 $0, 1, 0, p_all;
