@@ -373,7 +373,8 @@ def fake_compiler(monkeypatch):
     monkeypatch.setattr(aot, "compile_kernel", compile_kernel)
     monkeypatch.setattr(aot, "resources_of", lambda compiled, target: aot.Resources(
         regs=100 + compiled.warps, stack=64 if compiled.spills else 0, local=0, shared=1024, smem_limit=227 * 1024))
-    monkeypatch.setattr(aot, "loop_mix", lambda cubin: {"instructions": 100})
+    monkeypatch.setattr(aot, "loop_mix", lambda cubin: {"instructions": 100, "exchange_loads": 0,
+                                                        "exchange_loads_in_flight": 0, "wgmma_waits": 0})
     return calls
 
 
