@@ -14,11 +14,15 @@ kernels/config.py), so a width is held as compiled: the planner picks the smalle
 Batch tiles of 32 and 64 rows are searched with BLOCK_H = 16 only: they exist for batches whose
 tiles of 16 would not all be resident at once, where the smallest BLOCK_H is what fits.
 
-    python -m persistrnn.autotune.capacity [--write]
+    python -m persistrnn.autotune.capacity [--write] [--dtypes ...] [--passes ...] [--scope ...]
 
 `--write` regenerates autotune/configs/static/<target>.json, the static tables the planner reads
-(configs.py; about half an hour on 2 cores). float16 is searched on its own: its register use differs from bfloat16's (the
-GRU's train pass at width 512 spills in float16 only).
+(configs.py; all of it takes about two and a half hours on 2 cores). float16 is searched on its
+own: its register use differs from bfloat16's (the GRU's train pass at width 512 spills in float16
+only). After a kernel change, search again only what it compiles differently and keep the rest:
+`--dtypes`, `--passes`, and `--scope split` (the split tier) or `--scope in-flight` (the split
+configs that read h back in flight); the file then records the command that made what it kept,
+then this one.
 """
 import argparse
 import concurrent.futures
@@ -33,7 +37,7 @@ import triton
 
 from ..configs import (BLOCK_B, CELLS, DTYPES, KERNELS, PASSES, SMALL_BLOCK_H, STATIC_DIR, TARGETS, dtype_name,
                        kernel_config, launch_waves, static_tables, tables_to_json)
-from ..kernels.config import KernelConfig
+from ..kernels.config import KernelConfig, kernel_constexprs
 from .aot import kernel_resources
 from .sass import bundled_tool
 
@@ -153,6 +157,15 @@ def searched_widths(dtype, block_h, has_proj, target):
     return [w for w in WIDTHS if block_h < (4 * w if has_proj else w) and _fits_smem(dtype, block_h, w, has_proj, target)]
 
 
+def reads_in_flight(cell, dtype, has_proj, block_b, block_h, width):
+    """Whether a split config's kernels read h back all in flight (kernel_constexprs' H_IN_FLIGHT,
+    which also widens the K-chunks) at some warp count: the entries `--scope in-flight` searches again."""
+    split = split_programs(width, block_h, has_proj)
+    return any(kernel_constexprs(cell, dtype, has_proj, split, KernelConfig(block_b, block_h, w), width,
+                                 interpret=False, allow_tf32=tf32)["H_IN_FLIGHT"]
+               for w in NUM_WARPS for tf32 in (True, False))
+
+
 def small_block_widths(dtype, has_proj, target, held, block_b):
     """The widths searched with BLOCK_H = SMALL_BLOCK_H (8) and a batch tile, given what the other
     blocks hold: fp32 without proj_size only, and only widths that no 16-unit block holds with
@@ -163,19 +176,24 @@ def small_block_widths(dtype, has_proj, target, held, block_b):
             if 16 not in held.get(w, {}).get(block_b, {})]
 
 
-def split_blocks(cell, dtype, has_proj, target, pass_="forward"):
+def split_blocks(cell, dtype, has_proj, target, pass_="forward", kept=None):
     """{width: {block_b: {block_h: warps}}} for every (batch tile, BLOCK_H) the split tier holds on
-    `target`, at every searched width."""
+    `target`, at every searched width. With `kept` (the current table's entry), only the configs
+    that read h back in flight are compiled; the others keep kept's value."""
+    def search(block_b, block_h, width):
+        if kept is not None and not reads_in_flight(cell, dtype, has_proj, block_b, block_h, width):
+            return kept.get(width, {}).get(block_b, {}).get(block_h)
+        return split_width_warps(cell, dtype, has_proj, block_b, block_h, width, target, pass_)
     held = {}
     for block_b in BATCH_TILES:
         for block_h in split_shapes(block_b):
             for width in searched_widths(dtype, block_h, has_proj, target):
-                warps = split_width_warps(cell, dtype, has_proj, block_b, block_h, width, target, pass_)
+                warps = search(block_b, block_h, width)
                 if warps is not None:
                     held.setdefault(width, {}).setdefault(block_b, {})[block_h] = warps
     for block_b in BATCH_TILES:
         for width in small_block_widths(dtype, has_proj, target, held, block_b):
-            warps = split_width_warps(cell, dtype, has_proj, block_b, SMALL_BLOCK_H, width, target, pass_)
+            warps = search(block_b, SMALL_BLOCK_H, width)
             if warps is not None:
                 held.setdefault(width, {}).setdefault(block_b, {})[SMALL_BLOCK_H] = warps
     return {w: held[w] for w in sorted(held)}
@@ -183,34 +201,44 @@ def split_blocks(cell, dtype, has_proj, target, pass_="forward"):
 
 # --- reports and the shipped tables --------------------------------------------------------
 
+SCOPES = ("all", "split", "in-flight")  # what a search covers; outside it the current tables are kept
+
+
 def _search(key):
     """(single-program blocks, {(cell, dtype, has_proj): split blocks}) of one (cell, dtype,
-    target, pass); the LSTM's split tier with proj_size too."""
-    cell, dtype, target, pass_ = key
-    single = single_program_blocks(cell, dtype, target, pass_)
+    target, pass); the LSTM's split tier with proj_size too. `scope` (SCOPES): everything; the
+    split tier, the single tier kept from `kept` (that target and pass's current tables); or
+    only the split configs that read h back in flight (split_blocks)."""
+    cell, dtype, target, pass_, kept, scope = key
+    name = dtype_name(dtype)
+    single = (single_program_blocks(cell, dtype, target, pass_) if scope == "all"
+              else kept["single"].get((cell, name), {}))
     if dtype == torch.float64:  # reference runs on small layers: no split tier
         return single, {}
-    split = {(cell, dtype_name(dtype), proj): split_blocks(cell, dtype, proj, target, pass_)
+    split = {(cell, name, proj): split_blocks(cell, dtype, proj, target, pass_,
+                                              kept["split"].get((cell, name, proj), {}) if scope == "in-flight"
+                                              else None)
              for proj in ((False, True) if cell == "lstm" else (False,))}
     return single, split
 
 
-def shipped_tables(workers=None, dtypes=DTYPES, keep=None):
-    """What the static tables hold (autotune/configs/static), per target and pass. One process per (cell, dtype, target,
-    pass): each search is a chain of compiles. With `keep` (the current tables), only `dtypes`
-    are searched again and every other entry is kept."""
-    keys = [(cell, dtype, target, pass_) for target in TARGETS for pass_ in PASSES for cell in CELLS
-            for dtype in dtypes]
+def shipped_tables(workers=None, dtypes=DTYPES, passes=PASSES, keep=None, scope="all"):
+    """What the static tables hold (autotune/configs/static), per target and pass. One process per
+    (cell, dtype, target, pass): each search is a chain of compiles. With `keep` (the current
+    tables), only `dtypes` and `passes` are searched again, within `scope` (SCOPES), and every
+    other entry is kept: a kernel change that only some configs compile differently needs no more."""
+    keys = [(cell, dtype, target, pass_, keep and keep[target][pass_], scope)
+            for target in TARGETS for pass_ in passes for cell in CELLS for dtype in dtypes]
     with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count()) as pool:
         entries = list(pool.map(_search, keys))
     tables = {target: {pass_: {"single": {}, "split": {}} for pass_ in PASSES} for target in TARGETS}
-    names = {dtype_name(d) for d in dtypes}
+    searched = {(target, pass_, cell, dtype_name(dtype)) for cell, dtype, target, pass_, _, _ in keys}
     for target in (keep or {}):
         for pass_ in PASSES:
             for tier in ("single", "split"):
                 tables[target][pass_][tier].update({k: v for k, v in keep[target][pass_][tier].items()
-                                                    if k[1] not in names})
-    for (cell, dtype, target, pass_), (single, split) in zip(keys, entries):
+                                                    if (target, pass_, k[0], k[1]) not in searched})
+    for (cell, dtype, target, pass_, _, _), (single, split) in zip(keys, entries):
         tables[target][pass_]["single"][(cell, dtype_name(dtype))] = single
         tables[target][pass_]["split"].update({k: v for k, v in split.items() if v})
     return tables
@@ -316,19 +344,31 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--dtypes", nargs="+", choices=[dtype_name(d) for d in DTYPES], default=None,
                         help="search only these dtypes again; keep the current tables' other entries")
+    parser.add_argument("--passes", nargs="+", choices=PASSES, default=None,
+                        help="search only these passes again; keep the current tables' other entries")
+    parser.add_argument("--scope", choices=SCOPES, default="all",
+                        help="split: search the split tier again, keep the single tier; in-flight: only the split "
+                             "configs that read h back in flight")
     args = parser.parse_args(argv)
-    if args.dtypes:
-        dtypes = [d for d in DTYPES if dtype_name(d) in args.dtypes]
-        tables = shipped_tables(args.workers, dtypes, keep={t: static_tables(t) for t in TARGETS})
-    else:
-        tables = shipped_tables(args.workers)
+    partial = bool(args.dtypes or args.passes or args.scope != "all")
+    dtypes = [d for d in DTYPES if args.dtypes is None or dtype_name(d) in args.dtypes]
+    tables = shipped_tables(args.workers, dtypes, args.passes or PASSES,
+                            keep={t: static_tables(t) for t in TARGETS} if partial else None, scope=args.scope)
     if args.write:
-        command = "python -m persistrnn.autotune.capacity " + " ".join(argv if argv is not None else sys.argv[1:])
-        for path in write_tables(tables, command.strip()):
-            print(path)
+        command = ("python -m persistrnn.autotune.capacity " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+        for target, passes in tables.items():
+            # a partial search's record: the commands that made the tables it kept, then its own
+            for path in write_tables({target: passes}, f"{static_command(target)}; {command}" if partial else command):
+                print(path)
     else:
         print(json.dumps({t: tables_to_json(p) for t, p in tables.items()}, indent=1))
     return 0
+
+
+def static_command(target, directory=STATIC_DIR):
+    """The command recorded in `target`'s static table file."""
+    with open(os.path.join(directory, f"{target}.json")) as f:
+        return json.load(f)["command"]
 
 
 if __name__ == "__main__":

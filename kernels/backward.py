@@ -17,7 +17,9 @@ N = BLOCK_B, K = 4 * BLOCK_H: wgmma on sm_90 for chunks of 64 rows and more); wi
 W_hr columns; the carried dh and dc in fp32 registers (fp64 for fp64). The next reverse step's
 dy, saved activations and c_{t-1} / h_{t-1} are loaded before the barrier wait.
 SPLIT > 1: W^T @ dgates^T is a sum over programs. Each step every program stores its partial
-product straight from the MMA accumulator, [R, BLOCK_B] fp32, in its slot of `xbuf`, meets the
+product straight from the MMA accumulator's registers (exchange._store_in_place: no round trip
+through shared memory), fp32 in its slot of `xbuf`, laid out [BLOCK_B, rows] with units
+contiguous as in the saved activations and dgates, so the sum below needs no layout change; it meets the
 others at the bounded barrier, and sums only its own units' rows over the slots, in slot order
 (a reduce-scatter: deterministic, and SPLIT x fewer reads than summing all of R). With proj_size
 every program sums all of R, since W_hr^T dh_t needs all of dh_t. xbuf is double-buffered by
@@ -28,7 +30,7 @@ import triton.language as tl
 
 from .cells import LSTM, gru_cell_backward, lstm_cell_backward
 from .config import kernel_constexprs, state_dtype
-from .exchange import MAX_SPIN, _arrive, _wait, _xbuf_tile, split_scratch
+from .exchange import MAX_SPIN, _arrive, _store_in_place, _wait, _xbuf_tile, split_scratch
 from .launcher import launch, one_wave, run_in_waves, whole_grid
 from .tiles import (_batch_tile, _chunked_dot, _gate_rows, _join_gates, _load_chunks, _next, _program,
                     _split_gate_columns, _time_index)
@@ -195,8 +197,8 @@ def _rnn_backward_kernel(
             partial = partial + (p,)
             if SPLIT > 1:
                 offs_r = start + tl.arange(0, CHUNKS[k])
-                tl.store(_xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, pid_h, XBUF_ROWS, SPLIT, BLOCK_B)
-                         + offs_r[:, None] * BLOCK_B + cols[None, :], p, mask=(offs_r < R)[:, None])
+                _store_in_place(_xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, pid_h, XBUF_ROWS, SPLIT, BLOCK_B)
+                                + offs_r[:, None] + cols[None, :] * XBUF_ROWS, p, INTERPRET)
             start += CHUNKS[k]
 
         if SPLIT > 1:
@@ -216,7 +218,7 @@ def _rnn_backward_kernel(
             for k in tl.static_range(len(CHUNKS)):
                 if SPLIT > 1:
                     offs_r = start + tl.arange(0, CHUNKS[k])
-                    chunk = slots + offs_r[:, None] * BLOCK_B + cols[None, :]
+                    chunk = slots + offs_r[:, None] + cols[None, :] * XBUF_ROWS
                     total = tl.load(chunk, mask=(offs_r < R)[:, None], other=0.0, cache_modifier=".cg")
                     for slot in range(1, SPLIT):
                         total += tl.load(chunk + slot * slot_stride, mask=(offs_r < R)[:, None], other=0.0,
@@ -228,7 +230,7 @@ def _rnn_backward_kernel(
             dh = summed
         else:
             if SPLIT > 1:  # only my units' rows
-                mine = slots + units * BLOCK_B + cols[None, :]
+                mine = slots + units + cols[None, :] * XBUF_ROWS
                 total = tl.load(mine, mask=unit_mask, other=0.0, cache_modifier=".cg")
                 for slot in range(1, SPLIT):
                     total += tl.load(mine + slot * slot_stride, mask=unit_mask, other=0.0, cache_modifier=".cg")
@@ -267,13 +269,15 @@ def backward_arguments(cell, dy, dh_n, dc_n, saved, y, h0, c0, w_hh, w_hr, lengt
     has_proj = w_hr is not None
     constexprs = kernel_constexprs(cell, w_hh.dtype, has_proj, split, config, R, interpret=interpret,
                                    allow_tf32=allow_tf32)
-    xbuf, counters, error = split_scratch(split, dirs, tiles, (split, R, config.block_b), state_dtype(w_hh.dtype),
+    # a slot holds a program's whole partial, every row its K-chunks cover (rows past R are zero)
+    rows = sum(constexprs["CHUNKS"])
+    xbuf, counters, error = split_scratch(split, dirs, tiles, (split, rows, config.block_b), state_dtype(w_hh.dtype),
                                           dy.device, interpret)
     # unused pointers point at a tensor the kernel has anyway
     dh_all = dgates if dh_all is None else dh_all
     args = (dy, dh_n, dh_n if dc_n is None else dc_n, saved, y, h0, h0 if c0 is None else c0, w_hh,
             w_hh if w_hr is None else w_hr, lengths, dgates, dh_all, dh0, dh0 if dc0 is None else dc0, xbuf, counters,
-            error, T, B, H, R, R, max_spin,
+            error, T, B, H, R, rows, max_spin,
             dy.stride(0), dy.stride(1), saved.stride(0), saved.stride(1), y.stride(0), y.stride(1),
             dgates.stride(0), dgates.stride(1), dh_all.stride(0), dh_all.stride(1))
     return (tiles, split, dirs), args, dict(constexprs, DIR0=dir0)

@@ -17,10 +17,25 @@ import triton.language as tl
 
 @triton.jit
 def _xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, slot, ROWS, SLOTS: tl.constexpr, BLOCK_B: tl.constexpr):
-    """The [ROWS, BLOCK_B] block (row-major) of the launch's exchange buffer
-    (2 step parities, directions, batch tiles, SLOTS, ROWS, BLOCK_B)."""
+    """The ROWS * BLOCK_B block of a slot in the launch's exchange buffer (2 step parities,
+    directions, batch tiles, SLOTS, ROWS * BLOCK_B). The order within a block is the kernel's:
+    the forward's h is row-major [ROWS, BLOCK_B], the backward's partials [BLOCK_B, ROWS]."""
     block = ((parity * tl.num_programs(2) + pid_d) * tl.num_programs(0) + pid_b) * SLOTS + slot
     return xbuf_ptr + block.to(tl.int64) * ROWS * BLOCK_B
+
+
+@triton.jit
+def _store_in_place(ptrs, values, INTERPRET: tl.constexpr):
+    """tl.store(ptrs, values) (no mask), each element stored by the thread that holds it (fp32
+    compiled: one 4-byte store each). A tl.store of a whole tile anchors Triton's layout
+    propagation on a coalesced layout, so an MMA accumulator would first go through shared memory
+    (stmatrix, two barriers, loads); an elementwise asm store takes its operands' layout as it is.
+    Without a predicate, ptxas issues the stores back to back (with one, it branches around each)."""
+    if INTERPRET or values.dtype != tl.float32:
+        tl.store(ptrs, values)
+    else:
+        tl.inline_asm_elementwise("st.global.b32 [$1], $2; mov.b32 $0, 0;", "=r,l,r",
+                                  [ptrs, values.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

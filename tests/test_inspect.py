@@ -2,11 +2,16 @@
 kernels the planner launches compile to on sm_90. These guard the speed work: the recurrent
 product on wgmma, no reduction across warps, each cell element's transcendentals computed once
 (one MUFU.TANH each, two MUFU where they must be accurate), exact K for widths that are not powers of two,
-h read back with every load in flight, and the step's length.
+h read back with every load in flight, the backward's partials stored from the accumulator, and
+the step's length.
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+import persistrnn.autotune.aot as aot
+import persistrnn.kernels.backward as backward
 import persistrnn.kernels.config as config_mod
 from persistrnn.autotune.inspect import inspect_layer
 from persistrnn.autotune.sass import access_bytes, parse_sass, step_mix, time_loop
@@ -70,13 +75,37 @@ def test_fp16_computes_every_transcendental_accurately():
     assert kernel["math"] == "accurate" and kernel["mufu_per_cell_element"] == 10 == kernel["mufu_the_math_takes"]
 
 
-def test_the_train_pass_runs_wgmma_in_both_kernels():
-    report = inspect_layer("lstm", torch.bfloat16, 768, 16, pass_="train", target="sm_90")
+@pytest.fixture(scope="module")
+def lstm768_train():
+    return inspect_layer("lstm", torch.bfloat16, 768, 16, pass_="train", target="sm_90")
+
+
+def test_the_train_pass_runs_wgmma_in_both_kernels(lstm768_train):
     for name in ("forward", "backward"):
-        kernel = report["kernels"][name]
+        kernel = lstm768_train["kernels"][name]
         assert set(kernel["time_loop"]["mma"]) == {"wgmma"}, name
         assert kernel["spill_bytes"] == 0, name
-    assert report["kernels"]["backward"]["mufu_per_cell_element"] == 1  # tanh(c), once
+    assert lstm768_train["kernels"]["backward"]["mufu_per_cell_element"] == 1  # tanh(c), once
+
+
+@triton.jit
+def _store_through_layout(ptrs, values, INTERPRET: tl.constexpr):
+    tl.store(ptrs, values)
+
+
+def test_the_backward_partial_goes_from_the_accumulator_to_the_exchange(lstm768_train, monkeypatch):
+    """The split backward's partial product W^T dgates^T is stored from the wgmma accumulator's
+    registers: no shared-memory round trip (stmatrix, barriers, loads back) in the step. A plain
+    tl.store of the tile in its place brings the round trip back."""
+    loop = lstm768_train["kernels"]["backward"]["time_loop"]
+    assert lstm768_train["config"]["split"] > 1
+    assert loop["shared_loads"]["instructions"] == 0 and loop["bar_sync"] <= 8
+    monkeypatch.setattr(backward, "_store_in_place", _store_through_layout)
+    monkeypatch.setattr(backward._rnn_backward_kernel, "hash", None)  # its cache key names its callees
+    monkeypatch.setattr(aot, "_compiled", {})
+    plain = inspect_layer("lstm", torch.bfloat16, 768, 16, pass_="train", target="sm_90")
+    loop = plain["kernels"]["backward"]["time_loop"]
+    assert loop["shared_loads"]["instructions"] > 0 and loop["bar_sync"] > 8
 
 
 def test_batch_64_at_h1024_runs_bidirectional_in_both_passes():
