@@ -96,7 +96,8 @@ def format_report(report):
             f"({mix['shared_stores']['bytes_per_warp']} B)",
             f"    global memory: {mix['global_loads']['instructions']} loads ({mix['global_loads']['bytes_per_warp']} B),"
             f" {mix['global_stores']['instructions']} stores ({mix['global_stores']['bytes_per_warp']} B),"
-            f" {mix['async_copies']} async copies; exchange loads in flight at once: {mix['exchange_loads_in_flight']}",
+            f" {mix['async_copies']} async copies; exchange loads in flight at once: {mix['exchange_loads_in_flight']};"
+            f" loads ahead read before the barrier wait: {mix['loads_ahead_read_early']}",
             f"    MUFU {mix['mufu']} ({k['mufu_per_cell_element']} per cell element; the cell's {k['math']} math "
             f"takes {k['mufu_the_math_takes']}), BAR.SYNC {mix['bar_sync']}, SHFL {mix['shuffles']}, "
             f"atomics {mix['atomics']}",

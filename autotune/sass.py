@@ -126,6 +126,32 @@ def exchange_loads_in_flight(body):
     return most
 
 
+def _registers(i):
+    """The registers an instruction names (a .64 operand is a pair)."""
+    regs = set()
+    for n, pair in re.findall(r"\bR(\d+)(\.64)?\b", i.text):
+        regs.update(range(int(n), int(n) + (2 if pair else 1)))
+    return regs
+
+
+def loads_ahead_read_early(body, inner):
+    """How many of the global loads issued between the barrier's arrival (its atomic) and its poll
+    loop, the next step's inputs loaded ahead, have their registers named before the poll loop
+    ends: each such read stalls the warp on the load's latency before the wait (0: all of them
+    stay in flight across it). None without a barrier."""
+    arrival = next((i.address for i in body if i.op in ATOMICS), None)
+    poll = next(((a, b) for a, b in inner if arrival is not None and a > arrival), None)
+    if poll is None:
+        return None
+    early = 0
+    for k, load in enumerate(body):
+        if arrival < load.address < poll[0] and load.op in GLOBAL_LOADS:
+            first = int(re.search(r"\bR(\d+)", load.text).group(1))  # the destination
+            written = set(range(first, first + max(1, access_bytes(load) // 4)))
+            early += any(written & _registers(i) for i in body[k + 1:] if i.address <= poll[1])
+    return early
+
+
 def step_mix(instructions, span):
     """The per-step instruction mix of one warp over the loop `span`, inner loops counted once."""
     lo, hi = span
@@ -149,6 +175,7 @@ def step_mix(instructions, span):
         "exchange_loads": sum(1 for i in body if _is_exchange_load(i)
                               and not any(a <= i.address <= b for a, b in inner)),
         "exchange_loads_in_flight": exchange_loads_in_flight(body),
+        "loads_ahead_read_early": loads_ahead_read_early(body, inner),
         "wgmma_waits": sum(1 for i in body if i.opcode.startswith("WARPGROUP.DEPBAR")),
         "mufu": ops["MUFU"],
         "bar_sync": sum(1 for i in body if i.op == "BAR"),

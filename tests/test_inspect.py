@@ -86,6 +86,8 @@ def test_the_train_pass_runs_wgmma_in_both_kernels(lstm768_train):
         assert set(kernel["time_loop"]["mma"]) == {"wgmma"}, name
         assert kernel["spill_bytes"] == 0, name
     assert lstm768_train["kernels"]["backward"]["mufu_per_cell_element"] == 1  # tanh(c), once
+    # the next reverse step's dy, activations and state stay in flight across the barrier wait
+    assert lstm768_train["kernels"]["backward"]["time_loop"]["loads_ahead_read_early"] == 0
 
 
 @triton.jit
@@ -142,3 +144,30 @@ def test_sass_reading():
     assert mix["global_stores"]["bytes_per_warp"] == 32 * 2
     assert mix["inner_loops"] == [{"instructions": 2}]
     assert access_bytes(instructions[3]) == 8
+
+
+def _step_listing(after_load):
+    """A time step with the barrier: the MMA, the arrival, a load of the next step's input, `after_load`,
+    the poll loop, then the input's use."""
+    return parse_sass("\n".join(f"        /*{a:04x}*/   {text} ;" for a, text in (
+        (0x00, "HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], RZ"),
+        (0x10, "REDG.E.ADD.STRONG.GPU desc[UR4][R116.64], R31"),
+        (0x20, "@P5 LDG.E R96, desc[UR4][R24.64]"),
+        (0x30, after_load),
+        (0x40, "LDG.E.STRONG.GPU R25, desc[UR4][R116.64]"),
+        (0x50, "@P4 BRA 0x40"),
+        (0x60, "FADD R23, R96, R36"),
+        (0x70, "@P5 BRA 0x0"),
+    )))
+
+
+@pytest.mark.parametrize("after_load, early", [
+    ("PRMT R81, R96, 0x7610, R81", 1),    # unpacked where it is issued: the warp waits on it there
+    ("MOV R80, R95", 0),                  # untouched until after the wait
+    ("IADD3 R40, P0, R95.64, R8, RZ", 1),  # R95.64 names R95 and R96
+])
+def test_sass_reading_of_loads_ahead(after_load, early):
+    """The reader counts the loads issued between the barrier's arrival and its poll loop whose
+    registers are named before the poll loop ends."""
+    instructions = _step_listing(after_load)
+    assert step_mix(instructions, (0x00, 0x70))["loads_ahead_read_early"] == early
