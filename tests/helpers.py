@@ -1,4 +1,5 @@
 """Helpers the tests share: layer pairs vs torch.nn in float64, tolerances, inputs, gradients, GPU timeout."""
+import copy
 import os
 
 import pytest
@@ -47,14 +48,23 @@ def flat_outputs(result):
 
 
 def assert_close_to_ref(ours, ref, input, hx=None, dtype=torch.float32):
+    """Every output within TOL[dtype] of torch.nn in float64 (same weights). An output that the
+    dtype's own rounding cannot resolve that well (cancellation: a one-unit projection of about
+    1e-4 while its terms are about 1e-1) is held to twice the error of torch.nn itself run in
+    `dtype` on the same input."""
     with torch.no_grad():
         got = flat_outputs(ours(input, hx))
         want = flat_outputs(ref(to64(input), to64(hx)))
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for k, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape and g.dtype == dtype
         assert torch.isfinite(g).all()
-        assert rel_err(g, w) <= TOL[dtype], f"relative error {rel_err(g, w):.3e} > {TOL[dtype]:.0e}"
+        bound = TOL[dtype]
+        if rel_err(g, w) > bound:
+            with torch.no_grad():
+                native = flat_outputs(copy.deepcopy(ref).to(dtype)(input, hx))[k]
+            bound = max(bound, 2 * rel_err(native, w))
+        assert rel_err(g, w) <= bound, f"relative error {rel_err(g, w):.3e} > {bound:.1e}"
 
 
 VARIANTS = {
