@@ -102,7 +102,8 @@ def format_report(report):
             f"takes {k['mufu_the_math_takes']}), BAR.SYNC {mix['bar_sync']}, SHFL {mix['shuffles']}, "
             f"atomics {mix['atomics']}",
             "    inner loops (counted once): " + (", ".join(f"{loop['instructions']} instructions"
-                                                       for loop in mix["inner_loops"]) or "none"),
+                                                       for loop in mix["inner_loops"]) or "none")
+            + f"; of them read-backs left as a loop (a round trip per trip): {mix['exchange_loops']}",
             "    most frequent: " + ", ".join(f"{op} {n}" for op, n in mix["top"].items()),
         ]
     return "\n".join(lines)

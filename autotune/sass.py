@@ -152,6 +152,15 @@ def loads_ahead_read_early(body, inner):
     return early
 
 
+def exchange_loops(body, inner):
+    """How many inner loops other than the barrier's poll (the loop that votes) hold exchange
+    loads: a read-back the compiler left as a loop, each trip waiting for its loads before the
+    next, so one L2 round trip per trip (a static count sees one trip)."""
+    return sum(1 for a, b in inner
+               if not any(a <= i.address <= b and i.op == "VOTE" for i in body)
+               and any(a <= i.address <= b and _is_exchange_load(i) for i in body))
+
+
 def step_mix(instructions, span):
     """The per-step instruction mix of one warp over the loop `span`, inner loops counted once."""
     lo, hi = span
@@ -176,6 +185,7 @@ def step_mix(instructions, span):
                               and not any(a <= i.address <= b for a, b in inner)),
         "exchange_loads_in_flight": exchange_loads_in_flight(body),
         "loads_ahead_read_early": loads_ahead_read_early(body, inner),
+        "exchange_loops": exchange_loops(body, inner),
         "wgmma_waits": sum(1 for i in body if i.opcode.startswith("WARPGROUP.DEPBAR")),
         "mufu": ops["MUFU"],
         "bar_sync": sum(1 for i in body if i.op == "BAR"),

@@ -23,7 +23,8 @@ per-step mix of each kernel of the pass, the sum of
 - issue: instructions one warp issues per step x ceil(warps / 4) (an SM's 4 schedulers issue one
   instruction per cycle each, and a program's warps share them);
 - the exchange's read-back: one L2 round trip (L2_ROUND_TRIP) per batch of exchange loads in flight
-  at once (a read-back whose loads wait for one another costs several);
+  at once (a read-back whose loads wait for one another costs several), and SPLIT - 1 for a
+  read-back of the other programs' slots that the compiler left as a loop (one trip per slot);
 - the tensor core's drains: WGMMA_DRAIN per wait for a group of wgmma (WARPGROUP.DEPBAR), which
   also holds the wgmma's reads of W through the shared-memory pipe;
 - the split tier's barrier, BARRIER_CYCLES (the arrival's fence and atomic, the poll, the skew
@@ -165,15 +166,17 @@ def compiled_cost(layer, config, target, compiled=None):
         warps = key.num_warps
         row["kernels"][kernel] = {"registers": res.regs, "spill_bytes": res.stack + res.local,
                                   "shared_bytes": res.shared, "instructions": steps, "num_warps": warps}
-        row["cost"] += step_cycles(done.mix, warps, layer.split(config) > 1)
+        row["cost"] += step_cycles(done.mix, warps, layer.split(config))
     return row
 
 
-def step_cycles(mix, warps, barrier):
-    """The static cost of one kernel's step (see the module doc) from its time loop's mix."""
-    read_backs = triton.cdiv(mix["exchange_loads"], max(1, mix["exchange_loads_in_flight"]))
+def step_cycles(mix, warps, split):
+    """The static cost of one kernel's step (see the module doc) from its time loop's mix, for
+    SPLIT programs (a barrier when more than one)."""
+    read_backs = (triton.cdiv(mix["exchange_loads"], max(1, mix["exchange_loads_in_flight"]))
+                  + mix["exchange_loops"] * (split - 1))  # a loop over the other programs' slots
     return (mix["instructions"] * triton.cdiv(warps, SCHEDULERS_PER_SM) + read_backs * L2_ROUND_TRIP
-            + mix["wgmma_waits"] * WGMMA_DRAIN + (BARRIER_CYCLES if barrier else 0))
+            + mix["wgmma_waits"] * WGMMA_DRAIN + (BARRIER_CYCLES if split > 1 else 0))
 
 
 def static_rank(layer, target, sms=None, workers=None, progress=None):

@@ -73,6 +73,20 @@ H_GROUP_BYTES = 64 * 1024
 # wait for the last load of the one before (LSTM fp16 H = 1024 B = 32). With several groups, the
 # loads between two groups' MMAs do the former.
 IN_FLIGHT_BYTES = 192
+# the most xproj elements per thread the forward loads one per register (xproj_in_place): more,
+# and the 64-row batch tiles' saving forward spills where it held with xproj loaded in pairs
+X_IN_PLACE_ELEMENTS = 16
+
+
+def xproj_in_place(cell, dtype, has_proj, config, *, interpret):
+    """Whether the forward loads its next step's 16-bit xproj one element per register
+    (tiles._load_in_place): compiled, at most X_IN_PLACE_ELEMENTS per thread, LSTM without
+    proj_size. With proj_size its W_hr columns and summed h take the registers (64-row tiles
+    spilled at 16 elements); the GRU's cell then ran in a layout that holds each element twice
+    (8 MUFU per element, not 4: the GRU bf16 H = 1024 B = 16 step)."""
+    elements = 4 * config.block_h * config.block_b // (32 * config.num_warps)
+    return (not interpret and cell == "lstm" and not has_proj and torch.finfo(dtype).bits == 16
+            and elements <= X_IN_PLACE_ELEMENTS)
 
 
 def kernel_constexprs(cell, dtype, has_proj, split, config, width, *, interpret, allow_tf32):

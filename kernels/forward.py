@@ -12,7 +12,9 @@ rows as one [4 * BLOCK_H, R] tile in K-chunks (the A operand of gates^T = W @ h^
 proj_size its W_hr columns; h and c in fp32 registers (fp64 for fp64), as [BLOCK_H, BLOCK_B]
 tiles. Per step: one chained MMA over K, the gate split, the cell, one y store.
 The next step's xproj rows are loaded before the barrier wait, so their latency is off the
-critical path.
+critical path; 16-bit rows are loaded one element per register where registers allow
+(X_IN_PLACE, config.xproj_in_place), since ptxas unpacks a loaded pair at once and the warp
+would wait for the load there.
 SPLIT > 1: each step a program publishes its part of h_t to `xbuf` (its units' rows; with
 proj_size its partial W_hr product, one slot per program), arrives at the barrier, prefetches,
 waits, and reads h_t back as the next step's MMA operand (with proj_size every program sums the
@@ -29,11 +31,11 @@ import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, gru_cell, lstm_cell
-from .config import kernel_constexprs, state_dtype
+from .config import kernel_constexprs, state_dtype, xproj_in_place
 from .exchange import MAX_SPIN, _arrive, _wait, _xbuf_tile, split_scratch
 from .launcher import launch, one_wave, run_in_waves, whole_grid
-from .tiles import (_batch_tile, _chunked_dot, _dot_from_memory, _gate_rows, _load_chunks, _next, _program,
-                    _split_gates, _time_index)
+from .tiles import (_batch_tile, _chunked_dot, _dot_from_memory, _gate_rows, _load_chunks, _load_in_place, _next,
+                    _program, _split_gates, _time_index)
 
 # what the forward saves for the backward, per row, step and direction: H values each
 SAVED = {"lstm": 5, "gru": 4}
@@ -41,15 +43,16 @@ SAVED = {"lstm": 5, "gru": 4}
 
 @triton.jit
 def _load_x(xproj_ptr, step, length, direction, offs_b, mask_b, units, unit_mask, H, stride_xt, stride_xb,
-            G: tl.constexpr, STATE_DTYPE: tl.constexpr):
-    """The xproj gates of `step`: G tiles [BLOCK_H, BLOCK_B], zero past each row's length."""
+            G: tl.constexpr, STATE_DTYPE: tl.constexpr, X_IN_PLACE: tl.constexpr):
+    """The xproj gates of `step`: G tiles [BLOCK_H, BLOCK_B], zero past each row's length. Loaded in
+    place (one register per element): nothing reads them until the cell, after the barrier wait."""
     t = _time_index(step, length, direction)
     rows = (xproj_ptr + t[None, :] * stride_xt + offs_b[None, :].to(tl.int64) * stride_xb + direction * (G * H)
             + units)
     mask = unit_mask & (mask_b & (step < length))[None, :]
     x = ()
     for g in tl.static_range(G):
-        x = x + (tl.load(rows + g * H, mask=mask, other=0.0).to(STATE_DTYPE),)
+        x = x + (_load_in_place(rows + g * H, mask, X_IN_PLACE).to(STATE_DTYPE),)
     return x
 
 
@@ -89,6 +92,7 @@ def _rnn_forward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, H_GROUP: tl.constexpr,
     H_IN_FLIGHT: tl.constexpr, W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, MATH: tl.constexpr, EMULATE: tl.constexpr, INTERPRET: tl.constexpr,
+    X_IN_PLACE: tl.constexpr,
 ):
     G: tl.constexpr = 4 if CELL == LSTM else 3
     # with proj_size every program holds a partial of the full h_t: one xbuf slot per program
@@ -124,7 +128,7 @@ def _rnn_forward_kernel(
     if CELL == LSTM:
         c = tl.load(c0_ptr + direction * B * H + offs_b[None, :] * H + units, mask=mask_bh, other=0.0).to(STATE_DTYPE)
     x = _load_x(xproj_ptr, 0, length, direction, offs_b, mask_b, units, unit_mask, H, stride_xt, stride_xb, G,
-                STATE_DTYPE)
+                STATE_DTYPE, X_IN_PLACE)
     if SPLIT > 1:
         _arrive(counter)
         alive = _wait(counter, SPLIT, alive, MAX_SPIN, INTERPRET)
@@ -186,7 +190,7 @@ def _rnn_forward_kernel(
             _arrive(counter)
         # the next step's xproj, loaded before the wait: its latency is off the step's critical path
         x = _load_x(xproj_ptr, _next(step), length, direction, offs_b, mask_b, units, unit_mask, H, stride_xt,
-                    stride_xb, G, STATE_DTYPE)
+                    stride_xb, G, STATE_DTYPE, X_IN_PLACE)
         if SPLIT > 1:
             alive = _wait(counter, SPLIT * (step + 2), alive, MAX_SPIN, INTERPRET)
 
@@ -249,7 +253,8 @@ def forward_arguments(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_
             saved if save else error, xbuf, counters, error, T, B, H, R, rows, max_spin,
             xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1),
             saved.stride(0) if save else 0, saved.stride(1) if save else 0)
-    return (tiles, split, dirs), args, dict(constexprs, SAVE=save, DIR0=dir0)
+    x_in_place = xproj_in_place(cell, w_hh.dtype, has_proj, config, interpret=interpret)
+    return (tiles, split, dirs), args, dict(constexprs, SAVE=save, DIR0=dir0, X_IN_PLACE=x_in_place)
 
 
 def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *, saved=None,

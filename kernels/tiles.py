@@ -154,3 +154,19 @@ def _join_gates(g0, g1, g2, g3, BLOCK_H: tl.constexpr, N: tl.constexpr):
     """The inverse of _split_gates."""
     gates = tl.join(tl.join(g0, g2), tl.join(g1, g3))  # [unit, n, gate // 2, gate % 2]
     return tl.reshape(tl.permute(gates, (2, 3, 0, 1)), [4 * BLOCK_H, N])
+
+
+@triton.jit
+def _load_in_place(ptrs, mask, IN_PLACE: tl.constexpr):
+    """tl.load(ptrs, mask=mask, other=0.0); with IN_PLACE (compiled, 16-bit), each element loaded
+    by its own instruction into its own register. A tl.load of a 16-bit tile loads pairs, which
+    ptxas unpacks (PRMT) where the load is issued: a load meant to fly across the barrier wait
+    would stall before it instead. It costs a register per element (config.xproj_in_place)."""
+    dtype: tl.constexpr = ptrs.dtype.element_ty
+    if IN_PLACE and dtype.primitive_bitwidth == 16:
+        raw = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b16 $0, 0; @p ld.global.b16 $0, [$1]; }", "=h,l,r",
+            [ptrs, mask.to(tl.int32)], dtype=tl.int16, is_pure=False, pack=1)
+        return raw.to(dtype, bitcast=True)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)

@@ -2,8 +2,8 @@
 kernels the planner launches compile to on sm_90. These guard the speed work: the recurrent
 product on wgmma, no reduction across warps, each cell element's transcendentals computed once
 (one MUFU.TANH each, two MUFU where they must be accurate), exact K for widths that are not powers of two,
-h read back with every load in flight, the backward's partials stored from the accumulator, and
-the step's length.
+h read back with every load in flight, the next step's inputs in flight across the barrier wait,
+the backward's partials stored from the accumulator, and the step's length.
 """
 import pytest
 import torch
@@ -13,6 +13,7 @@ import triton.language as tl
 import persistrnn.autotune.aot as aot
 import persistrnn.kernels.backward as backward
 import persistrnn.kernels.config as config_mod
+import persistrnn.kernels.forward as forward
 from persistrnn.autotune.inspect import inspect_layer
 from persistrnn.autotune.sass import access_bytes, parse_sass, step_mix, time_loop
 
@@ -86,8 +87,28 @@ def test_the_train_pass_runs_wgmma_in_both_kernels(lstm768_train):
         assert set(kernel["time_loop"]["mma"]) == {"wgmma"}, name
         assert kernel["spill_bytes"] == 0, name
     assert lstm768_train["kernels"]["backward"]["mufu_per_cell_element"] == 1  # tanh(c), once
-    # the next reverse step's dy, activations and state stay in flight across the barrier wait
-    assert lstm768_train["kernels"]["backward"]["time_loop"]["loads_ahead_read_early"] == 0
+    # the next step's inputs (forward: xproj; backward: dy, activations, state) stay in flight
+    # across the barrier wait
+    for name in ("forward", "backward"):
+        assert lstm768_train["kernels"][name]["time_loop"]["loads_ahead_read_early"] == 0, name
+
+
+@triton.jit
+def _load_as_tile(ptrs, mask, IN_PLACE: tl.constexpr):
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+def test_the_next_xproj_stays_in_flight_across_the_wait(lstm768, monkeypatch):
+    """The forward loads the next step's bf16 xproj before the barrier wait, one element per
+    register, so nothing reads it before the wait. A plain tl.load of the tile loads pairs, which
+    ptxas unpacks at once: the warp then waits for those loads before it reaches the barrier."""
+    assert lstm768["config"]["split"] > 1
+    assert lstm768["kernels"]["forward"]["time_loop"]["loads_ahead_read_early"] == 0
+    monkeypatch.setattr(forward, "_load_in_place", _load_as_tile)
+    monkeypatch.setattr(forward._rnn_forward_kernel, "hash", None)  # its cache key names its callees
+    monkeypatch.setattr(aot, "_compiled", {})
+    plain = inspect_layer("lstm", torch.bfloat16, 768, 16, pass_="forward", target="sm_90")
+    assert plain["kernels"]["forward"]["time_loop"]["loads_ahead_read_early"] > 0
 
 
 @triton.jit
@@ -171,3 +192,32 @@ def test_sass_reading_of_loads_ahead(after_load, early):
     registers are named before the poll loop ends."""
     instructions = _step_listing(after_load)
     assert step_mix(instructions, (0x00, 0x70))["loads_ahead_read_early"] == early
+
+
+def test_sass_reading_of_a_read_back_left_as_a_loop():
+    """An inner loop that holds an exchange load and does not vote (not the barrier's poll) is a
+    read-back the compiler left as a loop, one round trip per trip: counted. The poll is not."""
+    instructions = parse_sass("\n".join(f"        /*{a:04x}*/   {text} ;" for a, text in (
+        (0x00, "HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], RZ"),
+        (0x10, "REDG.E.ADD.STRONG.GPU desc[UR4][R116.64], R31"),
+        (0x20, "LDG.E.STRONG.GPU R25, desc[UR4][R116.64]"),
+        (0x30, "VOTE.ANY P3, P3"),
+        (0x40, "@P3 BRA 0x20"),
+        (0x50, "@!P5 LDG.E.128.STRONG.GPU R44, desc[UR4][R52.64]"),
+        (0x60, "FADD R40, R44, R40"),
+        (0x70, "@P1 BRA 0x50"),
+        (0x80, "@P5 BRA 0x0"),
+    )))
+    mix = step_mix(instructions, (0x00, 0x80))
+    assert mix["exchange_loops"] == 1 and mix["exchange_loads"] == 0
+
+
+@pytest.mark.xfail(strict=True, reason="at SPLIT = 64 with 128-bit partials per thread (batch tile 32, 4 backward "
+                                       "warps) the compiler keeps the backward's reduce-scatter as a loop")
+def test_the_backward_reduce_scatter_is_not_a_loop():
+    """The backward sums its units' rows of every program's partial (SPLIT - 1 loads after its own):
+    unrolled, those loads are in flight together; left as a loop, each trip waits an L2 round trip
+    (63 a step at H = 1024 in programs of 16 units)."""
+    report = inspect_layer("lstm", torch.float16, 1024, 64, pass_="train", target="sm_90")
+    assert report["config"]["split"] == 64
+    assert report["kernels"]["backward"]["time_loop"]["exchange_loops"] == 0

@@ -87,7 +87,7 @@ def test_static_cost_sees_the_read_back_chain(monkeypatch):
     def cost():
         report = inspect_layer("lstm", torch.bfloat16, 768, 16, pass_="forward", target="sm_90")
         mix = report["kernels"]["forward"]["time_loop"]
-        return space.step_cycles(mix, report["config"]["num_warps"], True), mix["instructions"]
+        return space.step_cycles(mix, report["config"]["num_warps"], report["config"]["split"]), mix["instructions"]
 
     in_flight, in_flight_steps = cost()
     monkeypatch.setattr(config_mod, "IN_FLIGHT_BYTES", 0)
@@ -96,11 +96,13 @@ def test_static_cost_sees_the_read_back_chain(monkeypatch):
 
 
 def test_step_cycles():
-    mix = dict(instructions=400, exchange_loads=12, exchange_loads_in_flight=12, wgmma_waits=3)
-    assert space.step_cycles(mix, 4, True) == 400 + space.L2_ROUND_TRIP + 3 * space.WGMMA_DRAIN + space.BARRIER_CYCLES
-    assert space.step_cycles(dict(mix, exchange_loads_in_flight=2), 4, True) == \
-        space.step_cycles(mix, 4, True) + 5 * space.L2_ROUND_TRIP
-    assert space.step_cycles(dict(mix, exchange_loads=0), 8, False) == 800 + 3 * space.WGMMA_DRAIN
+    mix = dict(instructions=400, exchange_loads=12, exchange_loads_in_flight=12, exchange_loops=0, wgmma_waits=3)
+    assert space.step_cycles(mix, 4, 48) == 400 + space.L2_ROUND_TRIP + 3 * space.WGMMA_DRAIN + space.BARRIER_CYCLES
+    assert space.step_cycles(dict(mix, exchange_loads_in_flight=2), 4, 48) == \
+        space.step_cycles(mix, 4, 48) + 5 * space.L2_ROUND_TRIP
+    # a read-back left as a loop over the other 47 programs' slots: a round trip per trip
+    assert space.step_cycles(dict(mix, exchange_loops=1), 4, 48) == space.step_cycles(mix, 4, 48) + 47 * space.L2_ROUND_TRIP
+    assert space.step_cycles(dict(mix, exchange_loads=0), 8, 1) == 800 + 3 * space.WGMMA_DRAIN
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -374,7 +376,8 @@ def fake_compiler(monkeypatch):
     monkeypatch.setattr(aot, "resources_of", lambda compiled, target: aot.Resources(
         regs=100 + compiled.warps, stack=64 if compiled.spills else 0, local=0, shared=1024, smem_limit=227 * 1024))
     monkeypatch.setattr(aot, "loop_mix", lambda cubin: {"instructions": 100, "exchange_loads": 0,
-                                                        "exchange_loads_in_flight": 0, "wgmma_waits": 0})
+                                                        "exchange_loads_in_flight": 0, "exchange_loops": 0,
+                                                        "wgmma_waits": 0})
     return calls
 
 
