@@ -140,7 +140,9 @@ def loads_ahead_read_early(body, inner):
     ends: each such read stalls the warp on the load's latency before the wait (0: all of them
     stay in flight across it). None without a barrier."""
     arrival = next((i.address for i in body if i.op in ATOMICS), None)
-    poll = next(((a, b) for a, b in inner if arrival is not None and a > arrival), None)
+    if arrival is None:
+        return None
+    poll = next(((a, b) for a, b in inner if a > arrival), None)
     if poll is None:
         return None
     early = 0

@@ -121,6 +121,18 @@ def test_exact_k_chunks():
     assert recurrent_chunks(3, False, 16, 40) == (32, 16)
 
 
+def test_which_forwards_load_xproj_in_place():
+    """The one-element-per-register xproj load is on for the compiled 16-bit LSTM without
+    proj_size at <= 16 elements a thread, and off where it cost registers (64-row tiles at 4
+    warps, proj_size), doubled the GRU's cell, or cannot run (the interpreter, other dtypes)."""
+    def in_place(cell="lstm", dtype=torch.bfloat16, has_proj=False, block_b=16, block_h=16, warps=4, interpret=False):
+        return config_mod.xproj_in_place(cell, dtype, has_proj, config_mod.KernelConfig(block_b, block_h, warps),
+                                         interpret=interpret)
+    assert in_place() and in_place(dtype=torch.float16) and in_place(block_b=32) and in_place(block_b=64, warps=8)
+    assert not in_place(block_b=64) and not in_place(has_proj=True) and not in_place(cell="gru")
+    assert not in_place(interpret=True) and not in_place(dtype=torch.float32)
+
+
 def test_k_chunks_twice_as_wide_where_h_is_read_back_in_flight(monkeypatch, interpret):
     """LSTM bf16 H = 768, B = 16 in blocks of 16 (the shipped config): 3 chunks of 256, not 6 of
     128. Not where the read-back is masked (GRU H = 1024: 256 B of h per thread) or W's chunk would
