@@ -59,10 +59,12 @@ def inspect_layer(cell, dtype, hidden_size, batch, bidirectional=False, proj_siz
                 f.write(cubin)
         usage = resource_usage(cubin)
         mix = loop_mix(cubin)
-        threads = 32 * config.num_warps
+        warps = config.warps(name)
+        threads = 32 * warps
         # hidden units x batch rows a program owns, per thread: each needs its transcendentals once
         elements = config.block_h * config.block_b / threads
-        entry = {"registers": usage.get("REG", 0), "spill_bytes": usage.get("STACK", 0) + usage.get("LOCAL", 0),
+        entry = {"num_warps": warps, "registers": usage.get("REG", 0),
+                 "spill_bytes": usage.get("STACK", 0) + usage.get("LOCAL", 0),
                  "shared_bytes": compiled.metadata.shared, "shared_limit": TARGETS[target]["smem"],
                  "time_loop": mix,
                  "cell_elements_per_thread": elements,
@@ -81,8 +83,8 @@ def format_report(report):
              f" pass={layer['pass_']} target={layer['target']}",
              "config: " + " ".join(f"{k}={v}" for k, v in config.items())]
     for name, k in report["kernels"].items():
-        lines.append(f"\n{name} kernel: {k['registers']} registers, {k['spill_bytes']} spill bytes, "
-                     f"{k['shared_bytes']} of {k['shared_limit']} bytes of shared memory")
+        lines.append(f"\n{name} kernel ({k['num_warps']} warps): {k['registers']} registers, "
+                     f"{k['spill_bytes']} spill bytes, {k['shared_bytes']} of {k['shared_limit']} bytes of shared memory")
         mix = k["time_loop"]
         if mix is None:
             lines.append("  no time loop found")

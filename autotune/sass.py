@@ -193,7 +193,9 @@ def step_mix(instructions, span):
         "bar_sync": sum(1 for i in body if i.op == "BAR"),
         "shuffles": ops["SHFL"],
         "atomics": sum(ops[a] for a in ATOMICS),
-        "inner_loops": [{"instructions": sum(1 for i in body if a <= i.address <= b)} for a, b in inner],
+        "inner_loops": [{"instructions": sum(1 for i in body if a <= i.address <= b),
+                         "exchange_loads": sum(1 for i in body if a <= i.address <= b and _is_exchange_load(i))}
+                        for a, b in inner],
         "top": dict(ops.most_common(12)),
     }
 

@@ -163,7 +163,7 @@ def test_sass_reading():
     assert mix["global_loads"] == {"instructions": 2, "bytes_per_warp": 32 * (16 + 4)}
     assert mix["shared_loads"] == {"instructions": 1, "bytes_per_warp": 32 * 8}
     assert mix["global_stores"]["bytes_per_warp"] == 32 * 2
-    assert mix["inner_loops"] == [{"instructions": 2}]
+    assert mix["inner_loops"] == [{"instructions": 2, "exchange_loads": 1}]  # the poll's load
     assert access_bytes(instructions[3]) == 8
 
 
@@ -210,6 +210,20 @@ def test_sass_reading_of_a_read_back_left_as_a_loop():
     )))
     mix = step_mix(instructions, (0x00, 0x80))
     assert mix["exchange_loops"] == 1 and mix["exchange_loads"] == 0
+
+
+def test_each_kernel_reports_its_own_warps():
+    """GRU bf16 H = 1024 B = 16, train: the backward runs with other warps than the forward
+    (KernelConfig.backward_warps); the report gives each kernel's own, which the cell-element
+    count per thread and a latency model of the step rest on."""
+    report = inspect_layer("gru", torch.bfloat16, 1024, 16, pass_="train", target="sm_90")
+    config = report["config"]
+    assert config["backward_warps"] not in (None, config["num_warps"])
+    for name in ("forward", "backward"):
+        warps = config["backward_warps"] if name == "backward" and config["backward_warps"] else config["num_warps"]
+        kernel = report["kernels"][name]
+        assert kernel["num_warps"] == warps, name
+        assert kernel["cell_elements_per_thread"] == config["block_h"] * config["block_b"] / (32 * warps), name
 
 
 @pytest.mark.xfail(strict=True, reason="at SPLIT = 64 with 128-bit partials per thread (batch tile 32, 4 backward "
