@@ -102,7 +102,8 @@ def format_report(report):
             f" loads ahead read before the barrier wait: {mix['loads_ahead_read_early']}",
             f"    MUFU {mix['mufu']} ({k['mufu_per_cell_element']} per cell element; the cell's {k['math']} math "
             f"takes {k['mufu_the_math_takes']}), BAR.SYNC {mix['bar_sync']}, SHFL {mix['shuffles']}, "
-            f"atomics {mix['atomics']}",
+            f"atomics {mix['atomics']}" + ("" if mix["polled_by_one_warp"] is None else
+                                           f"; barrier polled by {'one warp' if mix['polled_by_one_warp'] else 'every warp'}"),
             "    inner loops (counted once): " + (", ".join(f"{loop['instructions']} instructions"
                                                        for loop in mix["inner_loops"]) or "none")
             + f"; of them read-backs left as a loop (a round trip per trip): {mix['exchange_loops']}",

@@ -134,6 +134,26 @@ def _registers(i):
     return regs
 
 
+def _address(i):
+    """A memory instruction's address operand ([R116.64], desc[UR4][R116.64+0x8]), or None."""
+    m = re.search(r"(desc\[[^\]]*\])?\[[^\]]*\]", i.text)
+    return m.group(0) if m else None
+
+
+def _poll(body, inner):
+    """(the barrier's poll loop (first, last), the addresses of its poll loads), or (None, set()):
+    the poll loop is the inner loop that votes, and its first poll may be peeled before it (the
+    last load of the same address between the arrival and the loop: ptxas rotates the loop)."""
+    voting = [(a, b) for a, b in inner if any(a <= i.address <= b and i.op == "VOTE" for i in body)]
+    if not voting:
+        return None, set()
+    a, b = voting[0]
+    polled = {_address(i) for i in body if a <= i.address <= b and _is_exchange_load(i)}
+    arrival = max((i.address for i in body if i.op in ATOMICS and i.address < a), default=-1)
+    peeled = [i.address for i in body if arrival < i.address < a and _is_exchange_load(i) and _address(i) in polled]
+    return (a, b), {i.address for i in body if a <= i.address <= b and _is_exchange_load(i)} | set(peeled[-1:])
+
+
 def loads_ahead_read_early(body, inner):
     """How many of the global loads issued between the barrier's arrival (its atomic) and its poll
     loop, the next step's inputs loaded ahead, have their registers named before the poll loop
@@ -142,25 +162,39 @@ def loads_ahead_read_early(body, inner):
     arrival = next((i.address for i in body if i.op in ATOMICS), None)
     if arrival is None:
         return None
-    poll = next(((a, b) for a, b in inner if a > arrival), None)
-    if poll is None:
+    poll, polls = _poll(body, inner)
+    if poll is None or poll[0] < arrival:
         return None
     early = 0
     for k, load in enumerate(body):
-        if arrival < load.address < poll[0] and load.op in GLOBAL_LOADS:
+        if arrival < load.address < poll[0] and load.op in GLOBAL_LOADS and load.address not in polls:
             first = int(re.search(r"\bR(\d+)", load.text).group(1))  # the destination
             written = set(range(first, first + max(1, access_bytes(load) // 4)))
             early += any(written & _registers(i) for i in body[k + 1:] if i.address <= poll[1])
     return early
 
 
+def polled_by_one_warp(body, inner):
+    """Whether one warp of a program polls the barrier: a branch on the thread index against 32
+    skips the poll loop and its peeled first poll (the other warps wait at the CTA barrier). None
+    without a poll loop."""
+    poll, polls = _poll(body, inner)
+    if poll is None:
+        return None
+    before = [i for i in body if i.address < min(polls | {poll[0]})]
+    tid = {r for i in before if i.op == "S2R" and "SR_TID.X" in i.text for r in _registers(i)}
+    compared = any(i.op == "ISETP" and tid & _registers(i) and re.search(r",\s*0x20\b", i.text) for i in before)
+    targets = [int(m.group(1), 16) for i in before if i.op == "BRA" for m in [re.search(r"0x([0-9a-f]+)", i.text)] if m]
+    return compared and any(t > poll[1] for t in targets)
+
+
 def exchange_loops(body, inner):
     """How many inner loops other than the barrier's poll (the loop that votes) hold exchange
     loads: a read-back the compiler left as a loop, each trip waiting for its loads before the
     next, so one L2 round trip per trip (a static count sees one trip)."""
+    poll, _ = _poll(body, inner)
     return sum(1 for a, b in inner
-               if not any(a <= i.address <= b and i.op == "VOTE" for i in body)
-               and any(a <= i.address <= b and _is_exchange_load(i) for i in body))
+               if (a, b) != poll and any(a <= i.address <= b and _is_exchange_load(i) for i in body))
 
 
 def step_mix(instructions, span):
@@ -174,6 +208,7 @@ def step_mix(instructions, span):
         return {"instructions": len(sel), "bytes_per_warp": 32 * sum(access_bytes(i) for i in sel)}
 
     inner = [(a, b) for a, b in loops(instructions) if lo <= a and b <= hi and (a, b) != span]
+    _, polls = _poll(body, inner)
     return {
         "instructions": len(body),
         "mma": {kind: ops[op] for op, kind in MMA_KINDS.items() if ops[op]},
@@ -182,11 +217,12 @@ def step_mix(instructions, span):
         "global_loads": traffic(GLOBAL_LOADS),
         "global_stores": traffic(GLOBAL_STORES),
         "async_copies": ops["LDGSTS"],
-        # outside inner loops: the barrier's poll is not an exchange read-back
-        "exchange_loads": sum(1 for i in body if _is_exchange_load(i)
+        # outside inner loops, and not the barrier's polls: they are not exchange read-backs
+        "exchange_loads": sum(1 for i in body if _is_exchange_load(i) and i.address not in polls
                               and not any(a <= i.address <= b for a, b in inner)),
         "exchange_loads_in_flight": exchange_loads_in_flight(body),
         "loads_ahead_read_early": loads_ahead_read_early(body, inner),
+        "polled_by_one_warp": polled_by_one_warp(body, inner),
         "exchange_loops": exchange_loops(body, inner),
         "wgmma_waits": sum(1 for i in body if i.opcode.startswith("WARPGROUP.DEPBAR")),
         "mufu": ops["MUFU"],

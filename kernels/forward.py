@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .cells import GRU, LSTM, gru_cell, lstm_cell
 from .config import kernel_constexprs, state_dtype, xproj_in_place
-from .exchange import MAX_SPIN, _arrive, _wait, _xbuf_tile, split_scratch
+from .exchange import MAX_SPIN, _arrive, _store_in_place, _wait, _xbuf_tile, split_scratch
 from .launcher import launch, one_wave, run_in_waves, whole_grid
 from .tiles import (_batch_tile, _chunked_dot, _dot_from_memory, _gate_rows, _load_chunks, _load_in_place, _next,
                     _program, _split_gates, _time_index)
@@ -58,12 +58,13 @@ def _load_x(xproj_ptr, step, length, direction, offs_b, mask_b, units, unit_mask
 
 @triton.jit
 def _publish(xbuf_ptr, parity, pid_d, pid_b, units, unit_mask, cols, h, XBUF_ROWS, BLOCK_B: tl.constexpr,
-             W_DTYPE: tl.constexpr, H_IN_FLIGHT: tl.constexpr):
-    """My block's rows of h in the exchange buffer, in the weights' dtype. For the unmasked read-back
-    (H_IN_FLIGHT) rows past H are written too, as zeros: every row up to SPLIT * BLOCK_H is finite."""
+             W_DTYPE: tl.constexpr, H_IN_FLIGHT: tl.constexpr, INTERPRET: tl.constexpr):
+    """My block's rows of h in the exchange buffer, in the weights' dtype, each element stored by
+    the thread that holds it (no shared-memory round trip). Rows past H are written too, as zeros:
+    every row up to SPLIT * BLOCK_H is finite, as the unmasked read-back (H_IN_FLIGHT) needs."""
     tile = _xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, 0, XBUF_ROWS, 1, BLOCK_B) + units * BLOCK_B + cols[None, :]
     if H_IN_FLIGHT:
-        tl.store(tile, tl.where(unit_mask, h, 0.0).to(W_DTYPE))
+        _store_in_place(tile, tl.where(unit_mask, h, 0.0).to(W_DTYPE), INTERPRET)
     else:
         tl.store(tile, h.to(W_DTYPE), mask=unit_mask)
 
@@ -124,7 +125,7 @@ def _rnn_forward_kernel(
     else:
         h = tl.load(h0_ptr + direction * B * R + offs_b[None, :] * R + units, mask=mask_bh, other=0.0).to(STATE_DTYPE)
         if SPLIT > 1:  # h0, published as the step before the first (parity 1)
-            _publish(xbuf_ptr, 1, pid_d, pid_b, units, unit_mask, cols, h, XBUF_ROWS, BLOCK_B, W_DTYPE, H_IN_FLIGHT)
+            _publish(xbuf_ptr, 1, pid_d, pid_b, units, unit_mask, cols, h, XBUF_ROWS, BLOCK_B, W_DTYPE, H_IN_FLIGHT, INTERPRET)
     if CELL == LSTM:
         c = tl.load(c0_ptr + direction * B * H + offs_b[None, :] * H + units, mask=mask_bh, other=0.0).to(STATE_DTYPE)
     x = _load_x(xproj_ptr, 0, length, direction, offs_b, mask_b, units, unit_mask, H, stride_xt, stride_xb, G,
@@ -184,7 +185,7 @@ def _rnn_forward_kernel(
                      tl.where(active, h_cell, 0.0).to(y_ptr.dtype.element_ty), mask=mask_bh)
             if SPLIT > 1:  # publish my units' h_t for everyone's next step
                 _publish(xbuf_ptr, parity, pid_d, pid_b, units, unit_mask, cols, h, XBUF_ROWS, BLOCK_B, W_DTYPE,
-                         H_IN_FLIGHT)
+                         H_IN_FLIGHT, INTERPRET)
 
         if SPLIT > 1:
             _arrive(counter)

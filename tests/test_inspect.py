@@ -38,7 +38,7 @@ def test_the_forward_lstm_step_at_h768(lstm768):
     assert kernel["math"] == "approx" and kernel["mufu_per_cell_element"] == 6 == kernel["mufu_the_math_takes"]
     assert loop["instructions"] < 600
     assert kernel["spill_bytes"] == 0 and kernel["shared_bytes"] <= kernel["shared_limit"]
-    assert len(loop["inner_loops"]) == 1 and loop["inner_loops"][0]["instructions"] < 12  # the barrier's poll
+    assert len(loop["inner_loops"]) == 1 and loop["inner_loops"][0]["instructions"] < 16  # the barrier's poll
     assert loop["atomics"] == 1  # one arrival per step
 
 
@@ -131,6 +131,49 @@ def test_the_backward_partial_goes_from_the_accumulator_to_the_exchange(lstm768_
     assert loop["shared_loads"]["instructions"] > 0 and loop["bar_sync"] > 8
 
 
+def test_the_forward_publishes_h_from_its_registers(lstm768, monkeypatch):
+    """The split forward stores its units' h_t to the exchange buffer from the registers the cell
+    left it in: no shared-memory round trip (stores, barriers, loads back) before the arrival. A
+    plain tl.store of the tile in its place brings the round trip back."""
+    loop = lstm768["kernels"]["forward"]["time_loop"]
+    monkeypatch.setattr(forward, "_store_in_place", _store_through_layout)
+    for fn in (forward._rnn_forward_kernel, forward._publish):  # their cache keys name their callees
+        monkeypatch.setattr(fn, "hash", None)
+    monkeypatch.setattr(aot, "_compiled", {})
+    plain = inspect_layer("lstm", torch.bfloat16, 768, 16, pass_="forward", target="sm_90")["kernels"]["forward"]
+    assert plain["time_loop"]["shared_loads"]["instructions"] > loop["shared_loads"]["instructions"]
+    assert plain["time_loop"]["bar_sync"] > loop["bar_sync"]
+
+
+def test_one_warp_polls_the_barrier(lstm768, lstm768_train):
+    """Every kernel's barrier is polled by one warp of a program; the other warps wait at the CTA
+    barrier."""
+    for report, names in ((lstm768, ("forward",)), (lstm768_train, ("forward", "backward"))):
+        for name in names:
+            assert report["kernels"][name]["time_loop"]["polled_by_one_warp"] is True, name
+
+
+@pytest.mark.parametrize("guard, peeled", [(True, True), (True, False), (False, True), (False, False)])
+def test_sass_reading_of_the_barrier_poll(guard, peeled):
+    """The reader on hand-written listings: one warp polls when a branch on the thread index
+    against 32 skips the poll loop and its first poll, peeled before the loop or not."""
+    instructions = parse_sass("\n".join(f"        /*{a:04x}*/   {text} ;" for a, text in (
+        (0x00, "HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], RZ"),
+        (0x10, "REDG.E.ADD.STRONG.GPU desc[UR4][R116.64], R31"),
+        (0x20, "S2R R28, SR_TID.X"),
+        (0x30, "ISETP.GE.U32.AND P5, PT, R28, 0x20, PT" if guard else "NOP"),
+        (0x40, "@P5 BRA 0xa0" if guard else "NOP"),
+        (0x50, "LDG.E.STRONG.GPU R28, desc[UR4][R116.64]" if peeled else "NOP"),
+        (0x60, "ISETP.LT.AND P4, PT, R28, R87, PT"),
+        (0x70, "LDG.E.STRONG.GPU R28, desc[UR4][R116.64]"),
+        (0x80, "VOTE.ANY P4, P4"),
+        (0x90, "@P4 BRA 0x70"),
+        (0xa0, "BAR.RED.AND.DEFER_BLOCKING 0x0, P4"),
+        (0xb0, "@P5 BRA 0x0"),
+    )))
+    assert step_mix(instructions, (0x00, 0xb0))["polled_by_one_warp"] is guard
+
+
 def test_batch_64_at_h1024_runs_bidirectional_in_both_passes():
     """B = 64, H = 1024, both directions: one batch tile of 64 rows, 64 programs per direction,
     128 of the H100's 132 SMs; every kernel on-chip."""
@@ -167,31 +210,38 @@ def test_sass_reading():
     assert access_bytes(instructions[3]) == 8
 
 
-def _step_listing(after_load):
+def _step_listing(after_load, peeled=False):
     """A time step with the barrier: the MMA, the arrival, a load of the next step's input, `after_load`,
-    the poll loop, then the input's use."""
+    the poll loop (with `peeled`, its first poll before it, read there, as ptxas rotates the loop), then
+    the input's use."""
     return parse_sass("\n".join(f"        /*{a:04x}*/   {text} ;" for a, text in (
         (0x00, "HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], RZ"),
         (0x10, "REDG.E.ADD.STRONG.GPU desc[UR4][R116.64], R31"),
         (0x20, "@P5 LDG.E R96, desc[UR4][R24.64]"),
         (0x30, after_load),
+        (0x38, "LDG.E.STRONG.GPU R25, desc[UR4][R116.64]" if peeled else "NOP"),
+        (0x3c, "ISETP.LT.AND P4, PT, R25, R87, PT" if peeled else "NOP"),
         (0x40, "LDG.E.STRONG.GPU R25, desc[UR4][R116.64]"),
+        (0x48, "VOTE.ANY P4, P4"),
         (0x50, "@P4 BRA 0x40"),
         (0x60, "FADD R23, R96, R36"),
         (0x70, "@P5 BRA 0x0"),
     )))
 
 
+@pytest.mark.parametrize("peeled", [False, True])
 @pytest.mark.parametrize("after_load, early", [
     ("PRMT R81, R96, 0x7610, R81", 1),    # unpacked where it is issued: the warp waits on it there
     ("MOV R80, R95", 0),                  # untouched until after the wait
     ("IADD3 R40, P0, R95.64, R8, RZ", 1),  # R95.64 names R95 and R96
 ])
-def test_sass_reading_of_loads_ahead(after_load, early):
+def test_sass_reading_of_loads_ahead(after_load, early, peeled):
     """The reader counts the loads issued between the barrier's arrival and its poll loop whose
-    registers are named before the poll loop ends."""
-    instructions = _step_listing(after_load)
-    assert step_mix(instructions, (0x00, 0x70))["loads_ahead_read_early"] == early
+    registers are named before the poll loop ends; a first poll peeled before the loop is a poll,
+    not a load ahead, nor an exchange read-back."""
+    mix = step_mix(_step_listing(after_load, peeled), (0x00, 0x70))
+    assert mix["loads_ahead_read_early"] == early
+    assert mix["exchange_loads"] == 0
 
 
 def test_sass_reading_of_a_read_back_left_as_a_loop():
