@@ -70,7 +70,8 @@ def test_h_read_back_in_groups_of_chunks(cell, monkeypatch, interpret):
 
 @triton.jit
 def _publish_my_units_only(xbuf_ptr, parity, pid_d, pid_b, units, unit_mask, cols, h, XBUF_ROWS,
-                           BLOCK_B: tl.constexpr, W_DTYPE: tl.constexpr, H_IN_FLIGHT: tl.constexpr):
+                           BLOCK_B: tl.constexpr, W_DTYPE: tl.constexpr, H_IN_FLIGHT: tl.constexpr,
+                           INTERPRET: tl.constexpr):
     tl.store(forward._xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, 0, XBUF_ROWS, 1, BLOCK_B) + units * BLOCK_B
              + cols[None, :], h.to(W_DTYPE), mask=unit_mask)
 
