@@ -95,7 +95,7 @@ def format_report(report):
             f"    MMA: {mma}",
             f"    shared memory: {mix['shared_loads']['instructions']} loads "
             f"({mix['shared_loads']['bytes_per_warp']} B), {mix['shared_stores']['instructions']} stores "
-            f"({mix['shared_stores']['bytes_per_warp']} B)",
+            f"({mix['shared_stores']['bytes_per_warp']} B), {mix['shared_stores_between_mmas']} of them between MMAs",
             f"    global memory: {mix['global_loads']['instructions']} loads ({mix['global_loads']['bytes_per_warp']} B),"
             f" {mix['global_stores']['instructions']} stores ({mix['global_stores']['bytes_per_warp']} B),"
             f" {mix['async_copies']} async copies; exchange loads in flight at once: {mix['exchange_loads_in_flight']};"

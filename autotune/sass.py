@@ -197,6 +197,13 @@ def exchange_loops(body, inner):
                if (a, b) != poll and any(a <= i.address <= b and _is_exchange_load(i) for i in body))
 
 
+def shared_stores_between_mmas(body):
+    """Shared-memory stores after the step's first MMA instruction and before its last: an MMA
+    operand staged while earlier MMAs of the step run (0: everything is staged first)."""
+    mma = [i.address for i in body if i.op in MMA_KINDS]
+    return sum(1 for i in body if i.op in SHARED_STORES and mma and mma[0] < i.address < mma[-1])
+
+
 def step_mix(instructions, span):
     """The per-step instruction mix of one warp over the loop `span`, inner loops counted once."""
     lo, hi = span
@@ -225,6 +232,7 @@ def step_mix(instructions, span):
         "polled_by_one_warp": polled_by_one_warp(body, inner),
         "exchange_loops": exchange_loops(body, inner),
         "wgmma_waits": sum(1 for i in body if i.opcode.startswith("WARPGROUP.DEPBAR")),
+        "shared_stores_between_mmas": shared_stores_between_mmas(body),
         "mufu": ops["MUFU"],
         "bar_sync": sum(1 for i in body if i.op == "BAR"),
         "shuffles": ops["SHFL"],

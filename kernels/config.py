@@ -89,6 +89,16 @@ def xproj_in_place(cell, dtype, has_proj, config, *, interpret):
             and elements <= X_IN_PLACE_ELEMENTS)
 
 
+def last_chunk_late(constexprs, x_in_place):
+    """Whether the forward stages its last K-chunk of h for the MMA only after the MMA before it
+    (tiles._dot_from_memory, LATE_LAST), so the last chunk's loads land while the others multiply:
+    where h is read back in flight in several chunks and xproj is loaded in place. Elsewhere the
+    reordering made ptxas read the paired xproj loads before the barrier wait (GRU fp16 H = 512:
+    1.76 -> 1.95 us modelled) or batch the masked read-back worse (GRU bf16 H = 1024 3.17 -> 3.22,
+    LSTM fp16 H = 1024 B = 64 3.90 -> 4.02)."""
+    return bool(x_in_place and constexprs["H_IN_FLIGHT"] and len(constexprs["CHUNKS"]) > 1)
+
+
 def kernel_constexprs(cell, dtype, has_proj, split, config, width, *, interpret, allow_tf32):
     """The compile-time parameters both kernels take (also used by the ahead-of-time compile), for
     a layer whose recurrent input (hidden or proj size) is `width` wide."""

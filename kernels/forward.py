@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, gru_cell, lstm_cell
-from .config import kernel_constexprs, state_dtype, xproj_in_place
+from .config import kernel_constexprs, last_chunk_late, state_dtype, xproj_in_place
 from .exchange import MAX_SPIN, _arrive, _store_in_place, _wait, _xbuf_tile, split_scratch
 from .launcher import launch, one_wave, run_in_waves, whole_grid
 from .tiles import (_batch_tile, _chunked_dot, _dot_from_memory, _gate_rows, _load_chunks, _load_in_place, _next,
@@ -93,7 +93,7 @@ def _rnn_forward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, H_GROUP: tl.constexpr,
     H_IN_FLIGHT: tl.constexpr, W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, MATH: tl.constexpr, EMULATE: tl.constexpr, INTERPRET: tl.constexpr,
-    X_IN_PLACE: tl.constexpr,
+    X_IN_PLACE: tl.constexpr, LATE_LAST: tl.constexpr,
 ):
     G: tl.constexpr = 4 if CELL == LSTM else 3
     # with proj_size every program holds a partial of the full h_t: one xbuf slot per program
@@ -145,7 +145,7 @@ def _rnn_forward_kernel(
         elif SPLIT > 1:  # everyone's h_{t-1}, published last step
             acc = _dot_from_memory(w, _xbuf_tile(xbuf_ptr, 1 - parity, pid_d, pid_b, 0, XBUF_ROWS, SLOTS, BLOCK_B),
                                    cols, R, BLOCK_B, CHUNKS, H_GROUP, not H_IN_FLIGHT, STATE_DTYPE, MMA_DTYPE,
-                                   INPUT_PRECISION)
+                                   INPUT_PRECISION, LATE_LAST, INTERPRET)
         else:
             acc = _chunked_dot(w, (h.to(W_DTYPE).to(MMA_DTYPE),), STATE_DTYPE, INPUT_PRECISION)
         g0, g1, g2, g3 = _split_gates(acc, BLOCK_H, BLOCK_B)
@@ -255,7 +255,8 @@ def forward_arguments(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_
             xproj.stride(0), xproj.stride(1), y.stride(0), y.stride(1),
             saved.stride(0) if save else 0, saved.stride(1) if save else 0)
     x_in_place = xproj_in_place(cell, w_hh.dtype, has_proj, config, interpret=interpret)
-    return (tiles, split, dirs), args, dict(constexprs, SAVE=save, DIR0=dir0, X_IN_PLACE=x_in_place)
+    return (tiles, split, dirs), args, dict(constexprs, SAVE=save, DIR0=dir0, X_IN_PLACE=x_in_place,
+                                            LATE_LAST=last_chunk_late(constexprs, x_in_place))
 
 
 def rnn_forward(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_n, *, saved=None,

@@ -145,6 +145,18 @@ def test_the_forward_publishes_h_from_its_registers(lstm768, monkeypatch):
     assert plain["time_loop"]["bar_sync"] > loop["bar_sync"]
 
 
+def test_the_last_chunk_of_h_is_staged_while_the_others_multiply(lstm768, monkeypatch):
+    """LSTM bf16 H = 768, h read back in flight in three K-chunks: the last chunk is staged in
+    shared memory after the MMA of the chunk before it, so its loads land while the first two
+    multiply (its 4 stores of 128 bits come between MMAs). With the rule off, every chunk is staged
+    before the first MMA."""
+    assert lstm768["kernels"]["forward"]["time_loop"]["shared_stores_between_mmas"] > 0
+    monkeypatch.setattr(forward, "last_chunk_late", lambda constexprs, x_in_place: False)
+    monkeypatch.setattr(aot, "_compiled", {})
+    plain = inspect_layer("lstm", torch.bfloat16, 768, 16, pass_="forward", target="sm_90")
+    assert plain["kernels"]["forward"]["time_loop"]["shared_stores_between_mmas"] == 0
+
+
 def test_one_warp_polls_the_barrier(lstm768, lstm768_train):
     """Every kernel's barrier is polled by one warp of a program; the other warps wait at the CTA
     barrier."""
