@@ -32,10 +32,11 @@ def _xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, slot, ROWS, SLOTS: tl.constexpr, 
 @triton.jit
 def _store_in_place(ptrs, values, INTERPRET: tl.constexpr):
     """tl.store(ptrs, values) (no mask), each element stored by the thread that holds it (16-bit
-    and fp32 compiled: one store of its width each). A tl.store of a whole tile anchors Triton's layout
-    propagation on a coalesced layout, so an MMA accumulator would first go through shared memory
-    (stmatrix, two barriers, loads); an elementwise asm store takes its operands' layout as it is.
-    Without a predicate, ptxas issues the stores back to back (with one, it branches around each)."""
+    and fp32 compiled: one store of its width each). A tl.store of a whole tile anchors Triton's
+    layout propagation on a coalesced layout, so an MMA accumulator (or a cell output in its
+    layout) would first go through shared memory (stmatrix, two barriers, loads); an elementwise
+    asm store takes its operands' layout as it is. Without a predicate, ptxas issues the stores
+    back to back (with one, it branches around each)."""
     if INTERPRET or (values.dtype.primitive_bitwidth != 16 and values.dtype != tl.float32):
         tl.store(ptrs, values)
     elif values.dtype.primitive_bitwidth == 16:  # h in the weights' 16-bit dtype

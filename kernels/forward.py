@@ -59,9 +59,11 @@ def _load_x(xproj_ptr, step, length, direction, offs_b, mask_b, units, unit_mask
 @triton.jit
 def _publish(xbuf_ptr, parity, pid_d, pid_b, units, unit_mask, cols, h, XBUF_ROWS, BLOCK_B: tl.constexpr,
              W_DTYPE: tl.constexpr, H_IN_FLIGHT: tl.constexpr, INTERPRET: tl.constexpr):
-    """My block's rows of h in the exchange buffer, in the weights' dtype, each element stored by
-    the thread that holds it (no shared-memory round trip). Rows past H are written too, as zeros:
-    every row up to SPLIT * BLOCK_H is finite, as the unmasked read-back (H_IN_FLIGHT) needs."""
+    """My block's rows of h in the exchange buffer, in the weights' dtype. For the unmasked read-back
+    (H_IN_FLIGHT) rows past H are written too, as zeros, so every row up to SPLIT * BLOCK_H is
+    finite, each element by the thread that holds it (no shared-memory round trip). Otherwise a
+    masked tl.store: the in-place store there took the GRU bf16 H = 1024 forward to 255 registers
+    and halved its loads in flight."""
     tile = _xbuf_tile(xbuf_ptr, parity, pid_d, pid_b, 0, XBUF_ROWS, 1, BLOCK_B) + units * BLOCK_B + cols[None, :]
     if H_IN_FLIGHT:
         _store_in_place(tile, tl.where(unit_mask, h, 0.0).to(W_DTYPE), INTERPRET)
@@ -125,7 +127,8 @@ def _rnn_forward_kernel(
     else:
         h = tl.load(h0_ptr + direction * B * R + offs_b[None, :] * R + units, mask=mask_bh, other=0.0).to(STATE_DTYPE)
         if SPLIT > 1:  # h0, published as the step before the first (parity 1)
-            _publish(xbuf_ptr, 1, pid_d, pid_b, units, unit_mask, cols, h, XBUF_ROWS, BLOCK_B, W_DTYPE, H_IN_FLIGHT, INTERPRET)
+            _publish(xbuf_ptr, 1, pid_d, pid_b, units, unit_mask, cols, h, XBUF_ROWS, BLOCK_B, W_DTYPE, H_IN_FLIGHT,
+                     INTERPRET)
     if CELL == LSTM:
         c = tl.load(c0_ptr + direction * B * H + offs_b[None, :] * H + units, mask=mask_bh, other=0.0).to(STATE_DTYPE)
     x = _load_x(xproj_ptr, 0, length, direction, offs_b, mask_b, units, unit_mask, H, stride_xt, stride_xb, G,
