@@ -76,26 +76,51 @@ IN_FLIGHT_BYTES = 192
 # the most xproj elements per thread the forward loads one per register (xproj_in_place): more,
 # and the 64-row batch tiles' saving forward spills where it held with xproj loaded in pairs
 X_IN_PLACE_ELEMENTS = 16
+# the most xproj elements per thread the forward adds to the accumulator (xproj_in_accumulator):
+# at 16 (BLOCK_B 32, 4 warps) the accumulator's layout costs an address per column (LSTM fp16
+# H = 1024 B = 64: 3.90 -> 4.09 us modelled, 150 -> 194 registers)
+X_IN_ACC_ELEMENTS = 8
 
 
-def xproj_in_place(cell, dtype, has_proj, config, *, interpret):
-    """Whether the forward loads its next step's 16-bit xproj one element per register
-    (tiles._load_in_place): compiled, at most X_IN_PLACE_ELEMENTS per thread, LSTM without
-    proj_size. With proj_size its W_hr columns and summed h take the registers (64-row tiles
-    spilled at 16 elements); the GRU's cell then ran in a layout that holds each element twice
-    (8 MUFU per element, not 4: the GRU bf16 H = 1024 B = 16 step)."""
-    elements = 4 * config.block_h * config.block_b // (32 * config.num_warps)
-    return (not interpret and cell == "lstm" and not has_proj and torch.finfo(dtype).bits == 16
-            and elements <= X_IN_PLACE_ELEMENTS)
+def _xproj_elements(config):
+    """The xproj elements a thread holds for one step: 4 gate tiles of [BLOCK_H, BLOCK_B]."""
+    return 4 * config.block_h * config.block_b // (32 * config.num_warps)
+
+
+def xproj_by_element(dtype, has_proj, config):
+    """Whether the forward's 16-bit xproj tiles take at most X_IN_PLACE_ELEMENTS registers a
+    thread, one per element, without proj_size (its W_hr columns and summed h take the registers:
+    64-row tiles spilled at 16 elements)."""
+    return not has_proj and torch.finfo(dtype).bits == 16 and _xproj_elements(config) <= X_IN_PLACE_ELEMENTS
+
+
+def xproj_in_place(dtype, has_proj, config, *, interpret):
+    """Whether the forward loads its next step's xproj one element per register
+    (tiles._load_in_place): compiled, where xproj_by_element."""
+    return not interpret and xproj_by_element(dtype, has_proj, config)
+
+
+def xproj_in_accumulator(constexprs, dtype, has_proj, config):
+    """Whether the forward adds its xproj to the MMA's accumulator before the gate split (X_IN_ACC:
+    one tile in the accumulator's layout, the GRU's input n gate in the fourth gate's rows), not
+    to each gate after it: where xproj is loaded by element, at most X_IN_ACC_ELEMENTS a thread,
+    and h is read back masked. Modelled, LSTM bf16 H = 1024 B = 16: 3.08 -> 2.84 us, GRU:
+    2.86 -> 2.72; where h is read back in flight or one program holds h (SPLIT 1) the per-gate
+    add was faster (LSTM bf16 H = 768: 1.89 against 1.94, GRU H = 128: 1.18 against 1.50), and
+    with xproj loaded in pairs the accumulator's layout loads it one element at a time (LSTM fp16
+    H = 1024 B = 64: 3.90 -> 4.07)."""
+    return (xproj_by_element(dtype, has_proj, config) and _xproj_elements(config) <= X_IN_ACC_ELEMENTS
+            and constexprs["SPLIT"] > 1 and not constexprs["H_IN_FLIGHT"])
 
 
 def last_chunk_late(constexprs, x_in_place):
     """Whether the forward stages its last K-chunk of h for the MMA only after the MMA before it
     (tiles._dot_from_memory, LATE_LAST), so the last chunk's loads land while the others multiply:
-    where h is read back in flight in several chunks and xproj is loaded in place. Elsewhere the
-    reordering made ptxas read the paired xproj loads before the barrier wait (GRU fp16 H = 512:
-    1.76 -> 1.95 us modelled) or batch the masked read-back worse (GRU bf16 H = 1024 3.17 -> 3.22,
-    LSTM fp16 H = 1024 B = 64 3.90 -> 4.02)."""
+    where h is read back in flight in several chunks and xproj is loaded in place (LSTM bf16
+    H = 768 B = 16: 1.96 -> 1.89 us modelled, GRU fp16 H = 512: 1.76 -> 1.71). With xproj loaded
+    in pairs the reordering made ptxas read them before the barrier wait (GRU fp16 H = 512:
+    1.76 -> 1.95); with a masked read-back it batched the loads worse (GRU bf16 H = 1024
+    3.17 -> 3.22, LSTM fp16 H = 1024 B = 64 3.90 -> 4.02)."""
     return bool(x_in_place and constexprs["H_IN_FLIGHT"] and len(constexprs["CHUNKS"]) > 1)
 
 
