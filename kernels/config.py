@@ -68,18 +68,17 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 # the most of h the split tier reads back at once (tiles.py: _dot_from_memory)
 H_GROUP_BYTES = 64 * 1024
 # the most of h per thread read back by unmasked loads, all in flight at once (H_IN_FLIGHT), when
-# one group holds every chunk. More crowds out the loop-invariant wgmma descriptors (GRU H = 1024
-# B = 16, 256 B: 255 registers and a spill) or makes ptxas issue the loads in batches that each
-# wait for the last load of the one before (LSTM fp16 H = 1024 B = 32). With several groups, the
-# loads between two groups' MMAs do the former.
+# one group holds every chunk; IN_FLIGHT_BYTES_16_ROWS in 16-row batch tiles (4 warps: up to
+# H = 1280, the widest the tables hold). Modelled, bf16 B = 16 forward, against the masked
+# read-back: H = 1024 LSTM 2.84 -> 2.41 us, GRU 2.72 -> 2.40; H = 1280 LSTM 2.95 -> 2.65, GRU
+# 2.95 -> 2.59 (the GRU's forwards then take 255 registers, unspilled). In 32-row tiles 256 B
+# spilled (sm_80 GRU bf16 train, H = 512). With several groups, the loads between two groups'
+# MMAs crowd out the loop-invariant wgmma descriptors.
 IN_FLIGHT_BYTES = 192
+IN_FLIGHT_BYTES_16_ROWS = 320
 # the most xproj elements per thread the forward loads one per register (xproj_in_place): more,
 # and the 64-row batch tiles' saving forward spills where it held with xproj loaded in pairs
 X_IN_PLACE_ELEMENTS = 16
-# the most xproj elements per thread the forward adds to the accumulator (xproj_in_accumulator):
-# at 16 (BLOCK_B 32, 4 warps) the accumulator's layout costs an address per column (LSTM fp16
-# H = 1024 B = 64: 3.90 -> 4.09 us modelled, 150 -> 194 registers)
-X_IN_ACC_ELEMENTS = 8
 
 
 def _xproj_elements(config):
@@ -98,19 +97,6 @@ def xproj_in_place(dtype, has_proj, config, *, interpret):
     """Whether the forward loads its next step's xproj one element per register
     (tiles._load_in_place): compiled, where xproj_by_element."""
     return not interpret and xproj_by_element(dtype, has_proj, config)
-
-
-def xproj_in_accumulator(constexprs, dtype, has_proj, config):
-    """Whether the forward adds its xproj to the MMA's accumulator before the gate split (X_IN_ACC:
-    one tile in the accumulator's layout, the GRU's input n gate in the fourth gate's rows), not
-    to each gate after it: where xproj is loaded by element, at most X_IN_ACC_ELEMENTS a thread,
-    and h is read back masked. Modelled, LSTM bf16 H = 1024 B = 16: 3.08 -> 2.84 us, GRU:
-    2.86 -> 2.72; where h is read back in flight or one program holds h (SPLIT 1) the per-gate
-    add was faster (LSTM bf16 H = 768: 1.89 against 1.94, GRU H = 128: 1.18 against 1.50), and
-    with xproj loaded in pairs the accumulator's layout loads it one element at a time (LSTM fp16
-    H = 1024 B = 64: 3.90 -> 4.07)."""
-    return (xproj_by_element(dtype, has_proj, config) and _xproj_elements(config) <= X_IN_ACC_ELEMENTS
-            and constexprs["SPLIT"] > 1 and not constexprs["H_IN_FLIGHT"])
 
 
 def last_chunk_late(constexprs, x_in_place):
@@ -139,7 +125,8 @@ def kernel_constexprs(cell, dtype, has_proj, split, config, width, *, interpret,
     # unmasked read-back of h (split tier without proj_size): every row the chunks cover is
     # published (zero past H), in one group
     in_flight = (split > 1 and not has_proj and split * config.block_h >= sum(chunks) and group >= len(chunks)
-                 and sum(chunks) * config.block_b * elt <= IN_FLIGHT_BYTES * 32 * config.num_warps)
+                 and sum(chunks) * config.block_b * elt
+                <= (IN_FLIGHT_BYTES_16_ROWS if config.block_b == 16 else IN_FLIGHT_BYTES) * 32 * config.num_warps)
     if in_flight and tensor_cores and 4 * config.block_h * 2 * K_CHUNK * elt <= WIDE_W_CHUNK_BYTES:
         chunks = recurrent_chunks(split, has_proj, config.block_h, width, 2 * K_CHUNK)
         group = max(1, H_GROUP_BYTES // (max(chunks) * config.block_b * elt))

@@ -14,9 +14,7 @@ tiles. Per step: one chained MMA over K, the gate split, the cell, one y store.
 The next step's xproj rows are loaded before the barrier wait, so their latency is off the
 critical path; 16-bit rows are loaded one element per register where registers allow
 (X_IN_PLACE, config.xproj_in_place), since ptxas unpacks a loaded pair at once and the warp
-would wait for the load there. Where h is read back masked, xproj is loaded as one tile in the
-accumulator's rows and added before the gate split (X_IN_ACC, config.xproj_in_accumulator): the
-gate split then moves one tile, not five.
+would wait for the load there.
 SPLIT > 1: each step a program publishes its part of h_t to `xbuf` (its units' rows; with
 proj_size its partial W_hr product, one slot per program), arrives at the barrier, prefetches,
 waits, and reads h_t back as the next step's MMA operand (with proj_size every program sums the
@@ -33,54 +31,29 @@ import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, gru_cell, lstm_cell
-from .config import kernel_constexprs, last_chunk_late, state_dtype, xproj_in_accumulator, xproj_in_place
+from .config import kernel_constexprs, last_chunk_late, state_dtype, xproj_in_place
 from .exchange import MAX_SPIN, _arrive, _store_in_place, _wait, _xbuf_tile, split_scratch
 from .launcher import launch, one_wave, run_in_waves, whole_grid
 from .tiles import (_batch_tile, _chunked_dot, _dot_from_memory, _gate_rows, _load_chunks, _load_in_place, _next,
-                    _program, _split_gates, _time_index, _xproj_columns)
+                    _program, _split_gates, _time_index)
 
 # what the forward saves for the backward, per row, step and direction: H values each
 SAVED = {"lstm": 5, "gru": 4}
 
 
 @triton.jit
-def _load_x(xproj_ptr, step, length, direction, offs_b, mask_b, columns, column_mask, H, stride_xt, stride_xb,
-            G: tl.constexpr, STATE_DTYPE: tl.constexpr, X_IN_ACC: tl.constexpr, X_IN_PLACE: tl.constexpr):
-    """The xproj gates of `step`, zero past each row's length. X_IN_ACC: one [4 * BLOCK_H, BLOCK_B]
-    tile in the rows of the MMA's accumulator (columns: tiles._xproj_columns), added to it before
-    the gate split; otherwise G tiles [BLOCK_H, BLOCK_B] (columns: the units), added to the gates
-    after it. Loaded in place (one register per element): nothing reads them until the cell, after
-    the barrier wait."""
+def _load_x(xproj_ptr, step, length, direction, offs_b, mask_b, units, unit_mask, H, stride_xt, stride_xb,
+            G: tl.constexpr, STATE_DTYPE: tl.constexpr, X_IN_PLACE: tl.constexpr):
+    """The xproj gates of `step`: G tiles [BLOCK_H, BLOCK_B], zero past each row's length. Loaded in
+    place (one register per element): nothing reads them until the cell, after the barrier wait."""
     t = _time_index(step, length, direction)
     rows = (xproj_ptr + t[None, :] * stride_xt + offs_b[None, :].to(tl.int64) * stride_xb + direction * (G * H)
-            + columns)
-    mask = column_mask & (mask_b & (step < length))[None, :]
-    if X_IN_ACC:
-        return _load_in_place(rows, mask, X_IN_PLACE).to(STATE_DTYPE)
-    else:
-        x = ()
-        for g in tl.static_range(G):
-            x = x + (_load_in_place(rows + g * H, mask, X_IN_PLACE).to(STATE_DTYPE),)
-        return x
-
-
-@triton.jit
-def _gates(acc, x, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, G: tl.constexpr, X_IN_ACC: tl.constexpr):
-    """The four gate pre-activations [BLOCK_H, BLOCK_B] of acc (W_hh @ h) plus x (_load_x). The
-    GRU's fourth is its input n gate alone (W_hh has no fourth gate): the cell needs x_n apart from
-    W_hn h."""
-    if X_IN_ACC:
-        g0, g1, g2, g3 = _split_gates(acc + x, BLOCK_H, BLOCK_B)
-    else:
-        g0, g1, g2, g3 = _split_gates(acc, BLOCK_H, BLOCK_B)
-        g0 += x[0]
-        g1 += x[1]
-        if G == 4:
-            g2 += x[2]
-            g3 += x[3]
-        else:
-            g3 = x[2]
-    return g0, g1, g2, g3
+            + units)
+    mask = unit_mask & (mask_b & (step < length))[None, :]
+    x = ()
+    for g in tl.static_range(G):
+        x = x + (_load_in_place(rows + g * H, mask, X_IN_PLACE).to(STATE_DTYPE),)
+    return x
 
 
 @triton.jit
@@ -122,7 +95,7 @@ def _rnn_forward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, H_GROUP: tl.constexpr,
     H_IN_FLIGHT: tl.constexpr, W_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, MATH: tl.constexpr, EMULATE: tl.constexpr, INTERPRET: tl.constexpr,
-    X_IN_PLACE: tl.constexpr, X_IN_ACC: tl.constexpr, LATE_LAST: tl.constexpr,
+    X_IN_PLACE: tl.constexpr, LATE_LAST: tl.constexpr,
 ):
     G: tl.constexpr = 4 if CELL == LSTM else 3
     # with proj_size every program holds a partial of the full h_t: one xbuf slot per program
@@ -158,14 +131,8 @@ def _rnn_forward_kernel(
                      INTERPRET)
     if CELL == LSTM:
         c = tl.load(c0_ptr + direction * B * H + offs_b[None, :] * H + units, mask=mask_bh, other=0.0).to(STATE_DTYPE)
-    if X_IN_ACC:
-        x_columns, x_mask = _xproj_columns(pid_h, H, G, BLOCK_H)
-    else:
-        x_columns, x_mask = offs_u, mask_u
-    x_columns = x_columns[:, None]
-    x_mask = x_mask[:, None]
-    x = _load_x(xproj_ptr, 0, length, direction, offs_b, mask_b, x_columns, x_mask, H, stride_xt, stride_xb, G,
-                STATE_DTYPE, X_IN_ACC, X_IN_PLACE)
+    x = _load_x(xproj_ptr, 0, length, direction, offs_b, mask_b, units, unit_mask, H, stride_xt, stride_xb, G,
+                STATE_DTYPE, X_IN_PLACE)
     if SPLIT > 1:
         _arrive(counter)
         alive = _wait(counter, SPLIT, alive, MAX_SPIN, INTERPRET)
@@ -184,20 +151,21 @@ def _rnn_forward_kernel(
                                    INPUT_PRECISION, LATE_LAST, INTERPRET)
         else:
             acc = _chunked_dot(w, (h.to(W_DTYPE).to(MMA_DTYPE),), STATE_DTYPE, INPUT_PRECISION)
-        g0, g1, g2, g3 = _gates(acc, x, BLOCK_H, BLOCK_B, G, X_IN_ACC)
+        g0, g1, g2, g3 = _split_gates(acc, BLOCK_H, BLOCK_B)
 
         active = (step < length)[None, :]
         # every (step, row) writes one y row (and one saved row): at t while active, zero at
         # `step` past the length, so no output or saved row is left unwritten
         y_t = tl.where(step < length, _time_index(step, length, direction), step)[None, :]
         if CELL == LSTM:
-            h_cell, c_new, i, f, g, o = lstm_cell(g0, g1, g2, g3, c, MATH, EMULATE)
+            h_cell, c_new, i, f, g, o = lstm_cell(g0 + x[0], g1 + x[1], g2 + x[2], g3 + x[3], c, MATH,
+                                                  EMULATE)
             c = tl.where(active, c_new, c)
             if SAVE:
                 _save(saved_ptr, y_t, b64, units, mask_bh, active, direction, H, stride_st, stride_sb, i, f, g, o, c, 5)
         else:
             hh_n = g2 + b_hn
-            h_cell, r, z, n = gru_cell(g0, g1, g3, hh_n, h, MATH, EMULATE)
+            h_cell, r, z, n = gru_cell(g0 + x[0], g1 + x[1], x[2], hh_n, h, MATH, EMULATE)
             if SAVE:
                 _save(saved_ptr, y_t, b64, units, mask_bh, active, direction, H, stride_st, stride_sb,
                       r, z, n, hh_n, hh_n, 4)
@@ -225,8 +193,8 @@ def _rnn_forward_kernel(
         if SPLIT > 1:
             _arrive(counter)
         # the next step's xproj, loaded before the wait: its latency is off the step's critical path
-        x = _load_x(xproj_ptr, _next(step), length, direction, offs_b, mask_b, x_columns, x_mask, H, stride_xt,
-                    stride_xb, G, STATE_DTYPE, X_IN_ACC, X_IN_PLACE)
+        x = _load_x(xproj_ptr, _next(step), length, direction, offs_b, mask_b, units, unit_mask, H, stride_xt,
+                    stride_xb, G, STATE_DTYPE, X_IN_PLACE)
         if SPLIT > 1:
             alive = _wait(counter, SPLIT * (step + 2), alive, MAX_SPIN, INTERPRET)
 
@@ -291,7 +259,6 @@ def forward_arguments(cell, xproj, w_hh, b_hn, w_hr, h0, c0, lengths, y, h_n, c_
             saved.stride(0) if save else 0, saved.stride(1) if save else 0)
     x_in_place = xproj_in_place(w_hh.dtype, has_proj, config, interpret=interpret)
     return (tiles, split, dirs), args, dict(constexprs, SAVE=save, DIR0=dir0, X_IN_PLACE=x_in_place,
-                                            X_IN_ACC=xproj_in_accumulator(constexprs, w_hh.dtype, has_proj, config),
                                             LATE_LAST=last_chunk_late(constexprs, x_in_place))
 
 

@@ -71,17 +71,6 @@ def _gate_rows(pid_h, H, G: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def _xproj_columns(pid_h, H, G: tl.constexpr, BLOCK_H: tl.constexpr):
-    """For row m of the accumulator (as _gate_rows), the column of a direction's xproj row added to
-    it, and its mask. The GRU's input n gate goes to the fourth gate's rows, whose W rows are zero,
-    and its third gate's rows (W_hn h) take none: the cell needs x_n apart from W_hn h."""
-    m = tl.arange(0, 4 * BLOCK_H)
-    gate = m // BLOCK_H
-    unit = pid_h * BLOCK_H + m % BLOCK_H
-    return tl.minimum(gate, G - 1) * H + unit, ((gate < G - 1) | (gate == 3)) & (unit < H)
-
-
-@triton.jit
 def _load_chunks(ptr, n_offsets, n_mask, K, stride_k, CHUNKS: tl.constexpr, K_FIRST: tl.constexpr,
                  STATE_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr):
     """The K-chunks of the matrix (n, k) -> ptr[n_offsets[n] + k * stride_k], zero for k >= K or a

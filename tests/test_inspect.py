@@ -48,6 +48,7 @@ def test_h_is_read_back_all_in_flight(lstm768, monkeypatch):
     With the in-flight budget at zero the masked loads come back, one or two at a time."""
     assert lstm768["kernels"]["forward"]["time_loop"]["exchange_loads_in_flight"] >= 8
     monkeypatch.setattr(config_mod, "IN_FLIGHT_BYTES", 0)
+    monkeypatch.setattr(config_mod, "IN_FLIGHT_BYTES_16_ROWS", 0)
     masked = inspect_layer("lstm", torch.bfloat16, 768, 16, pass_="forward", target="sm_90")
     assert masked["kernels"]["forward"]["time_loop"]["exchange_loads_in_flight"] <= 2
 

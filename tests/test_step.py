@@ -138,47 +138,21 @@ def _forward_launch_constexprs(cell, width, block_h, dtype=torch.bfloat16, block
     """The constexprs of the forward launch of a layer of hidden size `width` (no launch)."""
     config = config_mod.KernelConfig(block_b, block_h)
     split = triton.cdiv(width, block_h)
-    constexprs = config_mod.kernel_constexprs(cell, dtype, has_proj, split, config, width, interpret=False,
-                                              allow_tf32=False)
-    return dict(constexprs, X_IN_ACC=config_mod.xproj_in_accumulator(constexprs, dtype, has_proj, config))
-
-
-def test_which_forwards_add_xproj_to_the_accumulator():
-    """Where xproj is loaded by element, at most 8 a thread, and h is read back masked (LSTM and
-    GRU bf16 H = 1024, B = 16, the shipped configs), not where h is read back in flight (H = 768),
-    one program holds h, a thread holds 16 (BLOCK_B 32) or xproj is loaded in pairs."""
-    for cell in ("lstm", "gru"):
-        assert _forward_launch_constexprs(cell, 1024, 16)["X_IN_ACC"]
-        assert not _forward_launch_constexprs(cell, 768, 16)["X_IN_ACC"]
-        assert not _forward_launch_constexprs(cell, 128, 128)["X_IN_ACC"]
-        assert not _forward_launch_constexprs(cell, 1024, 16, block_b=32)["X_IN_ACC"]
-        assert not _forward_launch_constexprs(cell, 1024, 16, block_b=32)["H_IN_FLIGHT"]
-        assert not _forward_launch_constexprs(cell, 1024, 16, block_b=64)["X_IN_ACC"]
-        assert not _forward_launch_constexprs(cell, 1024, 16, dtype=torch.float32)["X_IN_ACC"]
-
-
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_xproj_added_to_the_accumulator_matches(cell, monkeypatch, interpret):
-    """With h read back masked (no loads in flight allowed), a bf16 split layer adds xproj to the
-    accumulator before the gate split, the GRU's n gate in the fourth gate's rows, and matches
-    torch.nn in float64 (the interpreter runs the same algorithm; only the loads differ)."""
-    monkeypatch.setattr(config_mod, "IN_FLIGHT_BYTES", 0)
-    launches = _forward_constexprs(monkeypatch)
-    ours, ref = make_pair(cell, 3, 40, torch.bfloat16, bidirectional=True)
-    x, hx = make_input("packed_unsorted_with_state", ours, T=4, B=3, dtype=torch.bfloat16)
-    with persistrnn.pin_config(block_h=16):
-        assert_close_to_ref(ours, ref, x, hx, torch.bfloat16)
-    assert launches and all(c["X_IN_ACC"] and not c["H_IN_FLIGHT"] for c in launches)
+    return config_mod.kernel_constexprs(cell, dtype, has_proj, split, config, width, interpret=False,
+                                        allow_tf32=False)
 
 
 def test_k_chunks_twice_as_wide_where_h_is_read_back_in_flight(monkeypatch, interpret):
     """LSTM bf16 H = 768, B = 16 in blocks of 16 (the shipped config): 3 chunks of 256, not 6 of
-    128. Not where the read-back is masked (GRU H = 1024: 256 B of h per thread) or W's chunk would
-    not stage (BLOCK_H = 32). Then a layer of width 256 + 32 in blocks of 16 runs them (bf16,
-    against float64)."""
+    128; so H = 1024 and 1280. Not where the read-back is masked (GRU H = 1024 in tiles of 32 rows:
+    512 B of h per thread) or W's chunk would not stage (BLOCK_H = 32). Then a layer of width
+    256 + 32 in blocks of 16 runs them (bf16, against float64)."""
     constexprs = _forward_launch_constexprs
     assert constexprs("lstm", 768, 16)["CHUNKS"] == (256,) * 3 and constexprs("lstm", 768, 16)["H_IN_FLIGHT"]
-    assert constexprs("gru", 1024, 16)["CHUNKS"] == (128,) * 8 and not constexprs("gru", 1024, 16)["H_IN_FLIGHT"]
+    assert constexprs("gru", 1024, 16)["CHUNKS"] == (256,) * 4 and constexprs("gru", 1024, 16)["H_IN_FLIGHT"]
+    assert constexprs("gru", 1280, 16)["CHUNKS"] == (256,) * 5 and constexprs("gru", 1280, 16)["H_IN_FLIGHT"]
+    assert constexprs("gru", 1024, 16, block_b=32)["CHUNKS"] == (128,) * 8
+    assert not constexprs("gru", 1024, 16, block_b=32)["H_IN_FLIGHT"]
     assert constexprs("lstm", 768, 32)["CHUNKS"] == (128,) * 6 and constexprs("lstm", 768, 32)["H_IN_FLIGHT"]
     launches = _forward_constexprs(monkeypatch)
     ours, ref = make_pair("lstm", 3, 288, torch.bfloat16)

@@ -91,6 +91,7 @@ def test_static_cost_sees_the_read_back_chain(monkeypatch):
 
     in_flight, in_flight_steps = cost()
     monkeypatch.setattr(config_mod, "IN_FLIGHT_BYTES", 0)
+    monkeypatch.setattr(config_mod, "IN_FLIGHT_BYTES_16_ROWS", 0)
     serial, serial_steps = cost()
     assert serial - in_flight >= (serial_steps - in_flight_steps) + 3 * space.L2_ROUND_TRIP
 
