@@ -71,7 +71,7 @@ H_GROUP_BYTES = 64 * 1024
 # one group holds every chunk; IN_FLIGHT_BYTES_16_ROWS in 16-row batch tiles (4 warps: up to
 # H = 1280, the widest the tables hold). Modelled, bf16 B = 16 forward, against the masked
 # read-back: H = 1024 LSTM 2.84 -> 2.41 us, GRU 2.72 -> 2.40; H = 1280 LSTM 2.95 -> 2.65, GRU
-# 2.95 -> 2.59 (the GRU's forwards then take 255 registers, unspilled). In 32-row tiles 256 B
+# 3.03 -> 2.59 (the GRU's forwards then take 255 registers, unspilled). In 32-row tiles 256 B
 # spilled (sm_80 GRU bf16 train, H = 512). With several groups, the loads between two groups'
 # MMAs crowd out the loop-invariant wgmma descriptors.
 IN_FLIGHT_BYTES = 192
