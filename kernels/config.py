@@ -76,6 +76,13 @@ H_GROUP_BYTES = 64 * 1024
 # MMAs crowd out the loop-invariant wgmma descriptors.
 IN_FLIGHT_BYTES = 192
 IN_FLIGHT_BYTES_16_ROWS = 320
+
+
+def in_flight_bytes(block_b):
+    """The most of h a thread reads back all in flight with a batch tile of block_b rows."""
+    return IN_FLIGHT_BYTES_16_ROWS if block_b == 16 else IN_FLIGHT_BYTES
+
+
 # the most xproj elements per thread the forward loads one per register (xproj_in_place): more,
 # and the 64-row batch tiles' saving forward spills where it held with xproj loaded in pairs
 X_IN_PLACE_ELEMENTS = 16
@@ -126,7 +133,7 @@ def kernel_constexprs(cell, dtype, has_proj, split, config, width, *, interpret,
     # published (zero past H), in one group
     in_flight = (split > 1 and not has_proj and split * config.block_h >= sum(chunks) and group >= len(chunks)
                  and sum(chunks) * config.block_b * elt
-                <= (IN_FLIGHT_BYTES_16_ROWS if config.block_b == 16 else IN_FLIGHT_BYTES) * 32 * config.num_warps)
+                <= in_flight_bytes(config.block_b) * 32 * config.num_warps)
     if in_flight and tensor_cores and 4 * config.block_h * 2 * K_CHUNK * elt <= WIDE_W_CHUNK_BYTES:
         chunks = recurrent_chunks(split, has_proj, config.block_h, width, 2 * K_CHUNK)
         group = max(1, H_GROUP_BYTES // (max(chunks) * config.block_b * elt))

@@ -116,7 +116,15 @@ def _rnn_forward_kernel(
         w_hr = _load_chunks(w_hr_ptr + direction * (R * H), offs_u, mask_u, R, H, CHUNKS, True, STATE_DTYPE,
                             MMA_DTYPE)
     if CELL == GRU:
-        b_hn = tl.load(b_hn_ptr + direction * H + units, mask=unit_mask, other=0.0).to(STATE_DTYPE)
+        if SPLIT > 1 and not H_IN_FLIGHT:
+            # a whole [BLOCK_H, BLOCK_B] tile: Triton's layout-conversion pass recomputes a store's
+            # operand in the store's layout back to the nearest costly op, and the y store and the
+            # publish want two layouts; with b_hn a column, that copy reached back through the cell
+            # (every MUFU twice, GRU bf16 H = 1024 B = 64: 8 a cell element where 4 do)
+            b_hn = tl.load(b_hn_ptr + direction * H + units + 0 * cols[None, :], mask=mask_bh, other=0.0)
+        else:
+            b_hn = tl.load(b_hn_ptr + direction * H + units, mask=unit_mask, other=0.0)
+        b_hn = b_hn.to(STATE_DTYPE)
     counter = counter_ptr + pid_d * tl.num_programs(0) + pid_b
     alive = pid_b >= 0  # a true scalar, false after a barrier timeout
 

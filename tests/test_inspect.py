@@ -47,8 +47,7 @@ def test_h_is_read_back_all_in_flight(lstm768, monkeypatch):
     is issued before any of it is staged in shared memory, not a load, its store, the next load.
     With the in-flight budget at zero the masked loads come back, one or two at a time."""
     assert lstm768["kernels"]["forward"]["time_loop"]["exchange_loads_in_flight"] >= 8
-    monkeypatch.setattr(config_mod, "IN_FLIGHT_BYTES", 0)
-    monkeypatch.setattr(config_mod, "IN_FLIGHT_BYTES_16_ROWS", 0)
+    monkeypatch.setattr(config_mod, "in_flight_bytes", lambda block_b: 0)
     masked = inspect_layer("lstm", torch.bfloat16, 768, 16, pass_="forward", target="sm_90")
     assert masked["kernels"]["forward"]["time_loop"]["exchange_loads_in_flight"] <= 2
 
@@ -67,6 +66,17 @@ def test_the_gru_runs_wgmma():
     report = inspect_layer("gru", torch.bfloat16, 1024, 16, pass_="forward", target="sm_90")
     kernel = report["kernels"]["forward"]
     assert set(kernel["time_loop"]["mma"]) == {"wgmma"} and kernel["time_loop"]["shuffles"] == 0
+    assert kernel["mufu_per_cell_element"] == 4 == kernel["mufu_the_math_takes"]
+    assert kernel["spill_bytes"] == 0
+
+
+def test_the_gru_computes_its_cell_once_where_h_is_read_back_masked():
+    """GRU bf16 H=1024 B=64 (a 64-row tile: h read back masked, not in flight): the cell's values
+    are stored in two layouts (y, the exchange buffer), and a b_hn loaded as a column let the
+    compiler recompute the whole cell for the second one: 8 MUFU a cell element. Loaded as a tile
+    it stops that recomputation: 4."""
+    report = inspect_layer("gru", torch.bfloat16, 1024, 64, pass_="forward", target="sm_90")
+    kernel = report["kernels"]["forward"]
     assert kernel["mufu_per_cell_element"] == 4 == kernel["mufu_the_math_takes"]
     assert kernel["spill_bytes"] == 0
 
@@ -276,10 +286,10 @@ def test_sass_reading_of_a_read_back_left_as_a_loop():
 
 
 def test_each_kernel_reports_its_own_warps():
-    """GRU bf16 H = 1024 B = 16, train: the backward runs with other warps than the forward
-    (KernelConfig.backward_warps); the report gives each kernel's own, which the cell-element
-    count per thread and a latency model of the step rest on."""
-    report = inspect_layer("gru", torch.bfloat16, 1024, 16, pass_="train", target="sm_90")
+    """GRU bf16 H = 1024 B = 128, train (64-row batch tiles): the backward runs with other warps
+    than the forward (KernelConfig.backward_warps); the report gives each kernel's own, which the
+    cell-element count per thread and a latency model of the step rest on."""
+    report = inspect_layer("gru", torch.bfloat16, 1024, 128, pass_="train", target="sm_90")
     config = report["config"]
     assert config["backward_warps"] not in (None, config["num_warps"])
     for name in ("forward", "backward"):
