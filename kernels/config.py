@@ -132,8 +132,7 @@ def kernel_constexprs(cell, dtype, has_proj, split, config, width, *, interpret,
     # unmasked read-back of h (split tier without proj_size): every row the chunks cover is
     # published (zero past H), in one group
     in_flight = (split > 1 and not has_proj and split * config.block_h >= sum(chunks) and group >= len(chunks)
-                 and sum(chunks) * config.block_b * elt
-                <= in_flight_bytes(config.block_b) * 32 * config.num_warps)
+                 and sum(chunks) * config.block_b * elt <= in_flight_bytes(config.block_b) * 32 * config.num_warps)
     if in_flight and tensor_cores and 4 * config.block_h * 2 * K_CHUNK * elt <= WIDE_W_CHUNK_BYTES:
         chunks = recurrent_chunks(split, has_proj, config.block_h, width, 2 * K_CHUNK)
         group = max(1, H_GROUP_BYTES // (max(chunks) * config.block_b * elt))
